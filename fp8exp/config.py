@@ -1,0 +1,184 @@
+"""Typed experiment configuration: the schema Hydra checks overrides against, plus the
+cross-field rules types cannot express. Imports nothing heavy, so bad input fails in well
+under a second, before Keras, JAX or MLflow load."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float8")
+FP8_SOURCE_POLICIES = ("mixed_bfloat16", "float32", "mixed_float16")
+TRACKERS = ("mlflow", "none")
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the message names the key and what would be valid."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass
+class SyntheticDataConfig:
+    name: str = "synthetic"
+    vocabulary_size: int = 20000
+    """Token ids are drawn from [2, vocabulary_size); 0 is padding, 1 unknown."""
+    sequence_length: int = 200
+    """Tokens per example after padding/truncation."""
+    num_train: int = 2000
+    num_validation: int = 500
+    num_test: int = 500
+    num_classes: int = 2
+    """2 keeps the reference sigmoid head; more switches to a softmax head."""
+    signal_tokens: int = 8
+    """Class-marker tokens planted per example: fewer makes the task harder."""
+    seed: int = 0
+    """Generator seed: same seed, same data."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = MISSING
+    """Name of the size preset this came from (tiny|small|base|large); informational."""
+    hidden_dim: int = MISSING
+    """Embedding and attention width; must be divisible by num_heads."""
+    num_heads: int = MISSING
+    intermediate_dim: int = MISSING
+    """Feed-forward width of each decoder block and of the classifier's hidden Dense."""
+    num_layers: int = 1
+    """Stacked TransformerDecoder blocks."""
+    dropout: float = 0.1
+    """In [0, 1)."""
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    """float32 | mixed_bfloat16 | mixed_float16 | float8."""
+    source_policy: Optional[str] = None
+    """float8 only: the policy the model is built under before quantize("float8")."""
+    amax_history_length: Optional[int] = None
+    """float8 only: amax history window per scaled tensor (Keras default 1024)."""
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    """Adam learning rate."""
+    seed: int = 42
+    """Seeds Python, NumPy and the backend: weights, dropout and shuffling."""
+    steps_per_epoch: Optional[int] = None
+    """null = the whole training split each epoch; a small number makes smoke runs."""
+    eval_steps: Optional[int] = None
+    """null = the whole validation/test split; caps evaluation batches otherwise."""
+    steps_per_execution: int = 1
+    """Training steps fused into one compiled call (fewer host round trips)."""
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "mlflow"
+    """mlflow | none (train and print only)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI; null = sqlite:///<launch dir>/mlflow.db."""
+    artifact_root: Optional[str] = None
+    """Where a new experiment stores artifacts; null = <launch dir>/mlartifacts."""
+    experiment: str = "fp8exp"
+    run_name: Optional[str] = None
+    """null = derived from precision and model size, e.g. float8-h512."""
+    fp8_log_every: int = 100
+    """Log FP8 scale/amax state every N optimizer steps (and at the end)."""
+
+
+@dataclass
+class Config:
+    data: Any = MISSING
+    model: ModelConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    """Make the schemas visible to Hydra: the root one and one per data source."""
+    cs = ConfigStore.instance()
+    cs.store(name="fp8exp_schema", node=Config)
+    cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
+
+
+def _positive(cfg: DictConfig, *keys: str, optional: bool = False) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is None and optional:
+            continue
+        if value is None or value <= 0:
+            valid = "a positive integer or null" if optional else "a positive number"
+            raise ConfigError(key, f"got {value!r}, expected {valid}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first setting that cannot work; types are checked by the schema."""
+    precision = cfg.precision
+    if precision.name not in PRECISIONS:
+        raise ConfigError("precision.name", f"unknown precision {precision.name!r}; valid: {', '.join(PRECISIONS)}")
+    if precision.name == "float8":
+        if precision.source_policy not in FP8_SOURCE_POLICIES:
+            raise ConfigError("precision.source_policy",
+                              f"got {precision.source_policy!r}; valid: {', '.join(FP8_SOURCE_POLICIES)}")
+        _positive(cfg, "precision.amax_history_length")
+    else:
+        for key in ("source_policy", "amax_history_length"):
+            if precision[key] is not None:
+                raise ConfigError(f"precision.{key}",
+                                  f"only applies to precision=float8, not {precision.name}; remove it")
+
+    _positive(cfg, "data.vocabulary_size", "data.sequence_length")
+    if cfg.data.vocabulary_size < 3:
+        raise ConfigError("data.vocabulary_size", f"got {cfg.data.vocabulary_size}, needs at least 3 (pad, unknown, one token)")
+    if cfg.data.name == "synthetic":
+        _positive(cfg, "data.num_train", "data.num_validation", "data.num_test", "data.signal_tokens")
+        if cfg.data.num_classes < 2:
+            raise ConfigError("data.num_classes", f"got {cfg.data.num_classes}, expected 2 or more")
+        if cfg.data.num_classes * cfg.data.signal_tokens + 2 >= cfg.data.vocabulary_size:
+            raise ConfigError("data.vocabulary_size",
+                              f"{cfg.data.vocabulary_size} is too small for {cfg.data.num_classes} classes "
+                              f"x {cfg.data.signal_tokens} signal tokens")
+
+    model = cfg.model
+    _positive(cfg, "model.hidden_dim", "model.num_heads", "model.intermediate_dim", "model.num_layers")
+    if model.hidden_dim % model.num_heads:
+        raise ConfigError("model.hidden_dim",
+                          f"{model.hidden_dim} is not divisible by model.num_heads={model.num_heads}; "
+                          f"pick a multiple of {model.num_heads} or change model.num_heads")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError("model.dropout", f"got {model.dropout}, expected a value in [0, 1)")
+
+    _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
+    _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", optional=True)
+
+    if cfg.tracking.name not in TRACKERS:
+        raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")
+    _positive(cfg, "tracking.fp8_log_every")
+    if not str(cfg.tracking.experiment).strip():
+        raise ConfigError("tracking.experiment", "must not be empty")
+
+
+def launch_dir() -> str:
+    """Where the command was started: Hydra (version_base 1.3) does not change directory."""
+    return os.getcwd()
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    return cfg.tracking.uri or f"sqlite:///{os.path.join(launch_dir(), 'mlflow.db')}"
+
+
+def artifact_root(cfg: DictConfig) -> str:
+    return cfg.tracking.artifact_root or os.path.join(launch_dir(), "mlartifacts")

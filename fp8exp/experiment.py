@@ -1,0 +1,133 @@
+"""One experiment end to end. Data flows one way: config -> data -> model -> precision ->
+train; tracking watches through callbacks and a run context."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchContext:
+    """How the run was launched, for tags; empty when a config is composed in-process."""
+
+    overrides: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+
+    @classmethod
+    def from_hydra(cls) -> "LaunchContext":
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+
+
+@dataclass
+class Outcome:
+    run_id: str | None
+    run_name: str
+    metrics: dict[str, float]
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.tracking.get("run_name") or f"{cfg.precision.name}-h{cfg.model.hidden_dim}"
+
+
+def git_state() -> dict[str, str]:
+    """Commit of the fp8exp checkout and whether it had uncommitted changes."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
+    import jax
+    import keras
+
+    devices = jax.devices()
+    tags = {
+        "precision": cfg.precision.name,
+        "model": cfg.model.preset,
+        "data": cfg.data.name,
+        "overrides": " ".join(context.overrides),
+        "backend": keras.backend.backend(),
+        "device": f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
+        **{f"version.{name}": metadata.version(name) for name in ("fp8exp", "keras", "keras-hub", "jax")},
+        **git_state(),
+    }
+    if context.output_dir:
+        tags["hydra.output_dir"] = context.output_dir
+    return tags
+
+
+def _interrupt_on_sigterm() -> None:
+    """A scheduler's SIGTERM ends the run like Ctrl-C does: KILLED, not left RUNNING."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Outcome:
+    """Train and evaluate one configuration; `cfg` must already have passed config.validate.
+    Raises ConfigError for settings only checkable at run time (an unreachable tracking server)."""
+    import keras
+
+    from fp8exp import data, fp8, model, precision, tracking, train
+
+    context = context or LaunchContext()
+    tracking.check_reachable(cfg)
+    _interrupt_on_sigterm()
+    keras.utils.set_random_seed(cfg.trainer.seed)
+    splits = data.load(cfg.data)
+    name = run_name(cfg)
+
+    with tracking.open_run(cfg, name, environment_tags(cfg, context)) as run:
+        net = precision.build(cfg.precision, lambda: model.build_classifier(
+            cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
+        train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
+                            model.loss_for(splits.num_classes), cfg.trainer)
+        run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.sizes()})
+
+        callbacks = [tracking.EpochLogger(run)]
+        fp8_logger = None
+        if cfg.precision.name == "float8" and cfg.tracking.name != "none":
+            fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, run.log_metrics)
+            callbacks.append(fp8_logger)
+
+        result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks)
+        final = {f"test/{key}": value for key, value in result.test.items()}
+        final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
+                                        disturbed_steps=fp8_logger.logged_steps if fp8_logger else ()))
+        run.log_metrics(final, step=result.steps)
+
+    outcome = Outcome(run.run_id, name, final)
+    print_summary(cfg, outcome)
+    return outcome
+
+
+def print_summary(cfg: DictConfig, outcome: Outcome) -> None:
+    from fp8exp.tracking import ui_command
+
+    metrics = outcome.metrics
+    step = metrics.get("perf/step_time_ms")
+    step_text = f"{step:.2f} ms/step (median)" if step is not None else "too few steps to time"
+    print(f"\nfp8exp {outcome.run_name}: test accuracy {metrics['test/accuracy']:.4f}, "
+          f"test loss {metrics['test/loss']:.4f}, {step_text}")
+    if outcome.run_id:
+        print(f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}'. "
+              f"Browse: {ui_command(cfg)}")

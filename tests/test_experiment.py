@@ -1,0 +1,116 @@
+"""End to end, in process: one run per precision on synthetic data, judged by what MLflow holds."""
+
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fp8exp import train
+from fp8exp.config import PRECISIONS, validate
+from fp8exp.experiment import run_experiment
+from tests.conftest import tracked
+from tests.test_precision import EXPECTED_TINY_FP8_LAYERS
+
+EPOCH_METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]
+FINAL_METRICS = ["test/loss", "test/accuracy", "perf/step_time_ms", "perf/step_time_p90_ms",
+                 "perf/examples_per_s", "perf/tokens_per_s", "perf/compile_s", "perf/peak_rss_mb",
+                 "model/params"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    """Train each precision once; the tests below read the store."""
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    outcomes = {}
+    for name in PRECISIONS:
+        cfg = tracked(store, f"precision={name}", "tracking.fp8_log_every=8")
+        validate(cfg)
+        outcomes[name] = run_experiment(cfg)
+    return client, outcomes
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_run_finishes_with_params_tags_and_metrics(runs, name):
+    client, outcomes = runs
+    run = client.get_run(outcomes[name].run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"{name}-h32"
+    params = run.data.params
+    assert params["precision.name"] == name
+    assert params["model.hidden_dim"] == "32"
+    assert params["trainer.epochs"] == "2"
+    assert params["data.sequence_length"] == "32"
+    tags = run.data.tags
+    assert tags["precision"] == name and tags["model"] == "tiny" and tags["backend"] == "jax"
+    assert {"version.keras", "version.keras-hub", "version.jax", "device"} <= set(tags)
+    for key in FINAL_METRICS:
+        assert math.isfinite(run.data.metrics[key]), key
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_run_learns_the_synthetic_task(runs, name):
+    client, outcomes = runs
+    assert client.get_run(outcomes[name].run_id).data.metrics["test/accuracy"] > 0.7
+
+
+def test_params_count_excludes_fp8_bookkeeping(runs):
+    client, outcomes = runs
+    counts = {name: client.get_run(o.run_id).data.metrics["model/params"] for name, o in outcomes.items()}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_float8_logs_scale_and_amax_for_every_quantized_layer(runs):
+    client, outcomes = runs
+    run_id = outcomes["float8"].run_id
+    metrics = client.get_run(run_id).data.metrics
+    for layer in EXPECTED_TINY_FP8_LAYERS:
+        for tensor in ("inputs", "kernel", "outputs_grad"):
+            assert f"fp8/{layer}/{tensor}_scale" in metrics
+            assert f"fp8/{layer}/{tensor}_amax" in metrics
+    scales = {k: v for k, v in metrics.items() if k.endswith("_scale")}
+    assert any(value != 1.0 for value in scales.values()), "no FP8 scale moved from its initial 1.0"
+    # Logged every 8 optimizer steps and at the end: 512/32 = 16 steps per epoch, 2 epochs.
+    history = client.get_metric_history(run_id, "fp8/head/kernel_scale")
+    assert [m.step for m in history] == [8, 16, 24, 32]
+
+
+@pytest.mark.parametrize("name", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_other_precisions_log_no_fp8_state(runs, name):
+    client, outcomes = runs
+    assert not [k for k in client.get_run(outcomes[name].run_id).data.metrics if k.startswith("fp8/")]
+
+
+def test_a_failure_mid_run_leaves_the_run_failed(store, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated crash in training")
+
+    monkeypatch.setattr(train, "fit_and_evaluate", broken)
+    cfg = tracked(store, "tracking.experiment=failures")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(cfg)
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("failures")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_tracking_none_trains_without_a_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tracked(tmp_path, "tracking=none", "trainer.epochs=1")
+    outcome = run_experiment(cfg)
+    assert outcome.run_id is None
+    assert 0.0 <= outcome.metrics["test/accuracy"] <= 1.0
+    assert not (tmp_path / "mlflow.db").exists()
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_step_timer_skips_compilation_and_disturbed_steps():
+    timer = train.StepTimer()
+    timer.calls = [(1, 1, 5.0), (2, 1, 0.010), (3, 1, 0.020), (4, 1, 0.900), (5, 1, 0.030), (6, 2, 0.080)]
+    # Call 1 compiles; step 3 was a log point, so calls ending at 3 and 4 are left out.
+    assert list(timer.step_times(disturbed_steps=[3])) == [0.010, 0.030, 0.040]
