@@ -18,7 +18,12 @@ def main(cfg: DictConfig) -> float:
         validate(cfg)
         from fp8exp.experiment import LaunchContext, run_experiment
 
-        return run_experiment(cfg, LaunchContext.from_hydra()).metrics["test/accuracy"]
+        context = LaunchContext.from_hydra()
+        if context.sweep:  # a failed job is recorded, and the sweep goes on
+            from fp8exp.sweep import run_job
+
+            return run_job(cfg, context)
+        return run_experiment(cfg, context).metrics["test/accuracy"]
     except ConfigError as error:
         print(f"fp8exp: error: {error}", file=sys.stderr)
         sys.exit(2)

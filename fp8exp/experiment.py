@@ -9,8 +9,12 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from fp8exp.sweep import Sweep
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +25,21 @@ class LaunchContext:
 
     overrides: list[str] = field(default_factory=list)
     output_dir: str | None = None
+    sweep: "Sweep | None" = None
 
     @classmethod
     def from_hydra(cls) -> "LaunchContext":
         from hydra.core.hydra_config import HydraConfig
 
+        from fp8exp.sweep import Sweep
+
         hydra_cfg = HydraConfig.get()
-        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir, Sweep.of_job(hydra_cfg))
+
+    @property
+    def swept(self) -> list[str]:
+        """This job's overrides of the keys its sweep varies, e.g. ['precision=float8', 'trainer.seed=1']."""
+        return self.sweep.values_in(self.overrides) if self.sweep else []
 
 
 @dataclass
@@ -37,8 +49,23 @@ class Outcome:
     metrics: dict[str, float]
 
 
-def run_name(cfg: DictConfig) -> str:
-    return cfg.tracking.get("run_name") or f"{cfg.precision.name}-h{cfg.model.hidden_dim}"
+# How a swept key shows in a run name; config groups show as their choice, other keys as leaf=value.
+NAME_LABELS = {"model.hidden_dim": "h", "trainer.seed": "s"}
+
+
+def run_name(cfg: DictConfig, swept: list[str] = ()) -> str:
+    """`tracking.run_name`, else precision and width plus whatever else the sweep varies for
+    this job (`swept`: its overrides of the varying keys), e.g. float8-h256-s1."""
+    if cfg.tracking.get("run_name"):
+        return cfg.tracking.run_name
+    parts = [cfg.precision.name, f"h{cfg.model.hidden_dim}"]
+    for override in swept:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("precision", "precision.name", "model.hidden_dim"):
+            continue
+        parts.append(NAME_LABELS[key] + value if key in NAME_LABELS
+                     else value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}")
+    return "-".join(parts)
 
 
 def git_state() -> dict[str, str]:
@@ -71,10 +98,12 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
     }
     if context.output_dir:
         tags["hydra.output_dir"] = context.output_dir
+    if context.sweep:
+        tags.update(context.sweep.child_tags())
     return tags
 
 
-def _interrupt_on_sigterm() -> None:
+def interrupt_on_sigterm() -> None:
     """A scheduler's SIGTERM ends the run like Ctrl-C does: KILLED, not left RUNNING."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -91,10 +120,10 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
 
     context = context or LaunchContext()
     tracking.check_reachable(cfg)
-    _interrupt_on_sigterm()
+    interrupt_on_sigterm()
     keras.utils.set_random_seed(cfg.trainer.seed)
     splits = data.load(cfg.data)
-    name = run_name(cfg)
+    name = run_name(cfg, context.swept)
 
     with tracking.open_run(cfg, name, environment_tags(cfg, context)) as run:
         net = precision.build(cfg.precision, lambda: model.build_classifier(

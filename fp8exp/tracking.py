@@ -122,6 +122,17 @@ def _artifact_location(cfg: DictConfig, uri: str) -> str | None:
     return None
 
 
+def start_run(cfg: DictConfig, run_name: str, tags: dict[str, str]):
+    """Create the store, the experiment if missing, and a RUNNING run; returns (client, run id).
+    A sweep's parent (`mlflow.parentRunId` in a child's tags) is made here too."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = ensure_experiment(client, cfg.tracking.experiment, _artifact_location(cfg, uri))
+    return client, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
 @contextlib.contextmanager
 def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Iterator[NullRun]:
     """Yields a run with the config logged; ends it FINISHED, KILLED on interrupt, else FAILED."""
@@ -129,12 +140,8 @@ def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Iterator[N
         yield NullRun()
         return
 
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = ensure_experiment(client, cfg.tracking.experiment, _artifact_location(cfg, uri))
-    run = MlflowRun(client, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id)
+    client, run_id = start_run(cfg, run_name, tags)
+    run = MlflowRun(client, run_id)
     status = "FAILED"
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)

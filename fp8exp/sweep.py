@@ -1,0 +1,276 @@
+"""Multirun sweeps: one MLflow parent run per sweep, one child run per job, and a summary that
+names the jobs that failed.
+
+The launching process does the once-per-sweep work in a Hydra callback: it composes and
+validates every job before any starts (a bad value fails the sweep up front, naming it), creates
+the store, the experiment and the parent run (so parallel jobs never race to migrate SQLite), and
+ends the parent with an honest status. Jobs learn their sweep from a small JSON file in the sweep
+dir rather than an environment variable: the file reaches in-process jobs, loky workers that
+were spawned before the sweep began and any launcher that shares the file system alike, and it
+stays on disk as the link from `multirun/...` to its MLflow run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fp8exp.config import ConfigError, validate
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "fp8exp_sweep.json"  # in the sweep dir: how jobs find their parent run
+JOB_FILE = "fp8exp_job.json"  # in each job's output dir: how the job ended
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000 characters
+
+
+def override_key(override: str) -> str:
+    """`+trainer.seed=1` -> `trainer.seed`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+@dataclass
+class Sweep:
+    """What a job learns about the sweep it belongs to."""
+
+    dir: str
+    parent_run_id: str | None
+    varying: list[str]
+    """Override keys whose value differs between jobs, in command-line order."""
+
+    def save(self) -> None:
+        Path(self.dir, SWEEP_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def of_job(cls, hydra_cfg: DictConfig) -> "Sweep | None":
+        """The sweep of the running Hydra job, or None outside a sweep started by SweepCallback."""
+        from hydra.types import RunMode
+
+        path = Path(str(hydra_cfg.sweep.dir)).resolve() / SWEEP_FILE
+        if hydra_cfg.mode != RunMode.MULTIRUN or not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def values_in(self, overrides: list[str]) -> list[str]:
+        """The overrides of one job that set a varying key: what tells the job apart."""
+        return [o for o in overrides if override_key(o) in self.varying]
+
+    def child_tags(self) -> dict[str, str]:
+        tags = {"sweep.dir": self.dir}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
+
+
+@dataclass
+class JobRecord:
+    """How one job ended, written into its output dir for the end-of-sweep summary."""
+
+    num: int
+    name: str
+    overrides: list[str]
+    log: str | None
+    status: str = "RUNNING"
+    run_id: str | None = None
+    error: str | None = None
+    test_accuracy: float | None = None
+
+    def save(self, output_dir: str, **changes: Any) -> None:
+        self.__dict__.update(changes)
+        Path(output_dir, JOB_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    def line(self) -> str:
+        result = f"test accuracy {self.test_accuracy:.4f}" if self.status == "FINISHED" else self.error or ""
+        where = f"   log: {self.log}" if self.status != "FINISHED" and self.log else ""
+        return f"  #{self.num:<3} {self.status:<9} {self.name:<28} {result}{where}"
+
+
+def _log_file() -> str | None:
+    """The file Hydra's job logging writes, whatever the logging config names it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+def run_job(cfg: DictConfig, context) -> float | None:
+    """One job of a sweep: a failure is logged and recorded, not raised, so the launcher goes
+    on with the other jobs (the child run itself already ends FAILED). Ctrl-C or SIGTERM still
+    stops the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fp8exp.experiment import run_experiment, run_name
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
+    record = JobRecord(hydra_cfg.job.num, run_name(cfg, context.swept), context.overrides, _log_file())
+    record.save(output_dir)
+    try:
+        outcome = run_experiment(cfg, context)
+    except KeyboardInterrupt:
+        record.save(output_dir, status="KILLED", error="interrupted")
+        raise
+    except Exception as error:
+        log.exception("job #%s (%s) failed", record.num, record.name)
+        record.save(output_dir, status="FAILED", error=f"{type(error).__name__}: {error}".splitlines()[0])
+        return None
+    accuracy = outcome.metrics["test/accuracy"]
+    record.save(output_dir, status="FINISHED", run_id=outcome.run_id, test_accuracy=accuracy)
+    return accuracy
+
+
+def job_overrides(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, expanded the way the basic sweeper will expand them (its `params`
+    from a `+sweep=` config first, the command line after); None for other sweepers."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides(params + list(config.hydra.overrides.task))
+    return BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
+
+
+def varying_keys(jobs: list[list[str]]) -> list[str]:
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job:
+            values.setdefault(override_key(override), set()).add(override)
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def _composition_problem(error: Exception) -> str:
+    """Hydra's multi-line composition error as one line, with the valid options if it has them."""
+    problem = str(error).strip().splitlines()[0]
+    options = getattr(error, "options", None)
+    return f"{problem}; valid: {', '.join(options)}" if options else problem
+
+
+def validated_jobs(config: DictConfig, jobs: list[list[str]]) -> list[DictConfig]:
+    """Compose and validate every job now, so a bad value fails the sweep before any job runs."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    loader = GlobalHydra.instance().config_loader()
+    composed = []
+    for num, overrides in enumerate(jobs):
+        job = " ".join(overrides)
+        try:
+            cfg = loader.load_sweep_config(config, list(overrides))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(f"sweep job #{num} ({job})", _composition_problem(error)) from None
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            raise ConfigError(error.key, f"{str(error).split(': ', 1)[1]} (sweep job #{num}: {job})") from None
+        composed.append(cfg)
+    for key in ("tracking.name", "tracking.uri", "tracking.experiment"):
+        if len({str(OmegaConf.select(cfg, key)) for cfg in composed}) > 1:
+            raise ConfigError(key, "must be the same for every job of a sweep (they share one parent run)")
+    return composed
+
+
+@dataclass
+class SweepCallback(Callback):
+    """Hydra callback (see conf/hydra/callbacks/sweep.yaml) for the launcher side of a sweep."""
+
+    sweep: Sweep | None = None
+    tracking: DictConfig | None = None
+    jobs: int = 0
+    ended: bool = field(default=False, repr=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._start(config)
+        except ConfigError as error:
+            # Same one line and exit status as a single run's bad setting (fp8exp/__main__.py).
+            print(f"fp8exp: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as error:  # Hydra would only warn and run the jobs without a parent
+            print(f"fp8exp: error: could not start the sweep: {type(error).__name__}: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    def _start(self, config: DictConfig) -> None:
+        from fp8exp.experiment import git_state, interrupt_on_sigterm
+
+        jobs = job_overrides(config)
+        composed = validated_jobs(config, jobs) if jobs else []
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs = len(jobs or [])
+        self.sweep = Sweep(str(sweep_dir), None, varying_keys(jobs or []))
+        self.tracking = composed[0] if composed and composed[0].tracking.name != "none" else None
+        if self.tracking is not None:
+            from fp8exp import tracking
+
+            tracking.check_reachable(self.tracking)
+            name = f"{config.hydra.runtime.choices.get('sweep') or 'sweep'}-{datetime.now():%Y%m%d-%H%M%S}"
+            sweep_overrides = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+            tags = {
+                "sweep.overrides": " ".join(sweep_overrides + list(config.hydra.overrides.task)),
+                "sweep.dir": str(sweep_dir),
+                "sweep.varying": " ".join(self.sweep.varying),
+                "sweep.jobs": str(self.jobs),
+                "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
+                **git_state(),
+            }
+            _, self.sweep.parent_run_id = tracking.start_run(self.tracking, name, tags)
+        self.sweep.save()
+        interrupt_on_sigterm()
+        atexit.register(self._end_if_cut_short)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        records = self._records()
+        failed = [r for r in records if r.status != "FINISHED"]
+        missing = self.jobs - len(records)
+        self._end("FAILED" if failed or missing else "FINISHED", records)
+        print(f"\nfp8exp sweep: {len(records)} of {self.jobs} jobs ran, {len(records) - len(failed)} finished, "
+              f"{len(failed)} failed   ({self.sweep.dir})")
+        print("\n".join(record.line() for record in records))
+        if self.sweep.parent_run_id:
+            print(f"Parent run {self.sweep.parent_run_id} in experiment '{self.tracking.tracking.experiment}'. "
+                  f"Compare: python -m fp8exp.report --parent {self.sweep.parent_run_id}   (or: make report)")
+        if failed or missing:
+            sys.exit(1)
+
+    def _records(self) -> list[JobRecord]:
+        found = (JobRecord(**json.loads(p.read_text())) for p in Path(self.sweep.dir).rglob(JOB_FILE))
+        return sorted(found, key=lambda record: record.num)
+
+    def _end_if_cut_short(self) -> None:
+        """Ctrl-C, SIGTERM or a launcher error stopped the sweep before on_multirun_end."""
+        if not self.ended:
+            self._end("KILLED", self._records())
+
+    def _end(self, status: str, records: list[JobRecord]) -> None:
+        self.ended = True
+        if not (self.sweep and self.sweep.parent_run_id):
+            return
+        from mlflow.tracking import MlflowClient
+
+        from fp8exp.config import tracking_uri
+
+        client = MlflowClient(tracking_uri(self.tracking))
+        parent = self.sweep.parent_run_id
+        # A child whose process died without a word (SIGKILL, out of memory) is still RUNNING.
+        for child in client.search_runs([client.get_run(parent).info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, "KILLED")
+        failed = [f"#{r.num} {r.name} {r.status}: {r.error} (log: {r.log})" for r in records if r.status != "FINISHED"]
+        client.set_tag(parent, "sweep.finished", str(sum(r.status == "FINISHED" for r in records)))
+        client.set_tag(parent, "sweep.failed", ("; ".join(failed) or "none")[:MAX_TAG_CHARS])
+        client.set_terminated(parent, status)

@@ -1,0 +1,210 @@
+"""Sweeps through the real `python -m fp8exp -m` command: one parent run, a child per job, failed
+jobs summarised without stopping the sweep, nothing left RUNNING, bad values rejected up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+
+from fp8exp.experiment import run_name
+from tests.conftest import FAST, ROOT, compose_config, run_cli
+
+SWEEP = ["precision=mixed_bfloat16,float8", "model.hidden_dim=32,64"]
+TINY = [*FAST, "trainer.epochs=1", "tracking.fp8_log_every=4"]
+NAMES = {"mixed_bfloat16-h32", "mixed_bfloat16-h64", "float8-h32", "float8-h64"}
+METRIC_PREFIXES = ("train/", "val/", "test/", "perf/", "fp8/", "model/", "data/")
+
+
+class Faults(Callback):
+    """Test-only Hydra callback, added on the command line: the job named `fail` raises in
+    training; the job named `kill` receives SIGTERM after its second optimizer step."""
+
+    def __init__(self, fail: str = "", kill: str = ""):
+        self.fail, self.kill = fail, kill
+
+    def on_job_start(self, config, **kwargs):
+        import keras
+
+        from fp8exp import train
+
+        original = train.__dict__.setdefault("unfaulted_fit_and_evaluate", train.fit_and_evaluate)
+        name = f"{config.precision.name}-h{config.model.hidden_dim}"
+
+        class SigtermAfterTwoSteps(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        def killed(model, splits, trainer, callbacks):
+            return original(model, splits, trainer, [*callbacks, SigtermAfterTwoSteps()])
+
+        train.fit_and_evaluate = failing if name == self.fail else killed if name == self.kill else original
+
+
+def faults(**names: str) -> list[str]:
+    return ["+hydra.callbacks.faults._target_=tests.test_sweep.Faults",
+            *(f"+hydra.callbacks.faults.{key}={value}" for key, value in names.items())]
+
+
+@dataclass
+class SweepResult:
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(f"sqlite:///{self.cwd / 'mlflow.db'}")
+
+    def parents(self):
+        return self.client.search_runs(self._experiments(), "tags.`sweep.jobs` LIKE '%'")
+
+    def children(self, parent_id: str):
+        return self.client.search_runs(self._experiments(), f"tags.mlflow.parentRunId = '{parent_id}'")
+
+    def all_runs(self):
+        return self.client.search_runs(self._experiments())
+
+    def _experiments(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+
+def run_sweep(cwd: Path, *args: str, timeout: float = 600) -> SweepResult:
+    """`python -m fp8exp -m ARGS` in `cwd`, with this checkout importable (for Faults)."""
+    with mock.patch.dict(os.environ, {"PYTHONPATH": str(ROOT)}):
+        result = run_cli("-m", *args, cwd=cwd, timeout=timeout)
+    return SweepResult(cwd, result.returncode, result.stdout, result.stderr)
+
+
+_SWEEPS: dict[str, SweepResult] = {}
+
+
+def basic_sweep(tmp_path_factory) -> SweepResult:
+    """The 2x2 sweep on Hydra's basic launcher, run once per session and shared with the report
+    and UI tests (test_report.py, test_ui.py)."""
+    if "basic" not in _SWEEPS:
+        _SWEEPS["basic"] = run_sweep(tmp_path_factory.mktemp("basic_sweep"), *SWEEP, *TINY)
+    return _SWEEPS["basic"]
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory) -> SweepResult:
+    return basic_sweep(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory) -> SweepResult:
+    """The same sweep on the joblib launcher, two jobs at a time, with float8-h32 failing."""
+    return run_sweep(tmp_path_factory.mktemp("parallel_sweep"), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     *SWEEP, *TINY, *faults(fail="float8-h32"))
+
+
+def assert_sweep_structure(sweep: SweepResult, statuses: dict[str, str]) -> tuple:
+    [parent] = sweep.parents()
+    children = sweep.children(parent.info.run_id)
+    assert sorted(c.info.run_name for c in children) == sorted(statuses)  # none lost, none twice
+    assert {c.info.run_name: c.info.status for c in children} == statuses
+    assert len(sweep.all_runs()) == len(statuses) + 1
+    tags = parent.data.tags
+    sweep_dir = Path(tags["sweep.dir"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", str(sweep_dir.relative_to(sweep.cwd / "multirun")))
+    assert tags["sweep.overrides"].startswith(" ".join(SWEEP))
+    assert tags["sweep.varying"] == "precision model.hidden_dim"
+    assert tags["sweep.jobs"] == str(len(statuses))
+    for child in children:
+        assert child.data.tags["sweep.dir"] == str(sweep_dir)
+        assert Path(child.data.tags["hydra.output_dir"]).parent == sweep_dir
+        assert (Path(child.data.tags["hydra.output_dir"]) / "__main__.log").is_file()
+    return parent, children
+
+
+@pytest.mark.slow
+def test_basic_sweep_nests_one_child_per_job_under_one_parent(basic):
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    parent, children = assert_sweep_structure(basic, {name: "FINISHED" for name in NAMES})
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.failed"] == "none"
+    assert parent.data.tags["sweep.launcher"] == "basic"
+    assert sorted(p.name for p in Path(parent.data.tags["sweep.dir"]).iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    assert "fp8exp sweep: 4 of 4 jobs ran, 4 finished, 0 failed" in basic.stdout
+    assert f"python -m fp8exp.report --parent {parent.info.run_id}" in basic.stdout
+    for child in children:
+        assert child.data.params["precision.name"] == child.info.run_name.split("-")[0]
+        assert all(key.startswith(METRIC_PREFIXES) for key in child.data.metrics), child.data.metrics.keys()
+
+
+@pytest.mark.slow
+def test_parallel_sweep_survives_a_failed_job_and_lists_it(parallel):
+    assert parallel.returncode == 1, parallel.stderr[-3000:]
+    statuses = {name: "FINISHED" for name in NAMES} | {"float8-h32": "FAILED"}
+    parent, children = assert_sweep_structure(parallel, statuses)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["sweep.launcher"] == "joblib"
+    failed = parent.data.tags["sweep.failed"]
+    assert "float8-h32 FAILED: RuntimeError: injected fault" in failed
+    log = re.search(r"log: (\S+__main__\.log)", failed).group(1)
+    assert "injected fault" in Path(log).read_text()  # the traceback is in the job's own log
+    summary = parallel.stdout.split("fp8exp sweep:", 1)[1]
+    assert summary.startswith(" 4 of 4 jobs ran, 3 finished, 1 failed")
+    assert re.search(r"FAILED\s+float8-h32\s+RuntimeError: injected fault\s+log: " + re.escape(log), summary)
+
+
+@pytest.mark.slow
+def test_a_job_killed_mid_training_leaves_nothing_running(tmp_path):
+    sweep = run_sweep(tmp_path, "precision=mixed_bfloat16,float8", *TINY, *faults(kill="mixed_bfloat16-h32"))
+    assert sweep.returncode != 0
+    [parent] = sweep.parents()
+    assert parent.info.status == "KILLED"
+    [child] = sweep.children(parent.info.run_id)  # the sweep stopped: float8 never started
+    assert (child.info.run_name, child.info.status) == ("mixed_bfloat16-h32", "KILLED")
+    job = json.loads((Path(child.data.tags["hydra.output_dir"]) / "fp8exp_job.json").read_text())
+    assert job["status"] == "KILLED"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.num_heads=4", "model.hidden_dim=32,30"],
+     "fp8exp: error: model.hidden_dim: 30 is not divisible by model.num_heads=4; pick a multiple of 4 or change "
+     "model.num_heads (sweep job #1: model.num_heads=4 model.hidden_dim=30)"),
+    (["precision=mixed_bfloat16,fp16"],
+     "fp8exp: error: sweep job #1 (precision=fp16): In 'config': Could not find 'precision/fp16'; "
+     "valid: float32, float8, mixed_bfloat16, mixed_float16"),
+    (["+sweep=precision_ab", "trainer.epochs=0"],
+     "fp8exp: error: trainer.epochs: got 0, expected a positive number "
+     "(sweep job #0: precision=mixed_bfloat16 trainer.seed=0 +sweep=precision_ab trainer.epochs=0)"),
+])
+def test_a_bad_value_fails_the_sweep_before_any_job_starts(tmp_path, args, message):
+    sweep = run_sweep(tmp_path, *args, timeout=60)
+    assert sweep.returncode == 2
+    assert sweep.stderr.strip() == message
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_prepared_sweeps_need_no_dash_m(tmp_path):
+    """`+sweep=` configs switch to multirun themselves (and fail here on the bad value, fast)."""
+    with mock.patch.dict(os.environ, {"PYTHONPATH": str(ROOT)}):
+        result = run_cli("+sweep=fp8_crossover", "model.num_heads=3", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "(sweep job #0: precision=mixed_bfloat16 model.hidden_dim=128 trainer.seed=0" in result.stderr
+
+
+@pytest.mark.parametrize("swept,expected", [
+    ([], "float8-h256"),
+    (["precision=float8", "model.hidden_dim=256", "trainer.seed=1"], "float8-h256-s1"),
+    (["trainer.learning_rate=0.01", "model=small"], "float8-h256-learning_rate=0.01-small"),
+])
+def test_child_runs_are_named_from_what_varies(swept, expected):
+    cfg = compose_config("precision=float8", "model.hidden_dim=256", "model.num_heads=4")
+    assert run_name(cfg, swept) == expected
