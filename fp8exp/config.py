@@ -42,6 +42,62 @@ class SyntheticDataConfig:
     """Generator seed: same seed, same data."""
 
 
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+
+
+@dataclass
+class TextDataConfig:
+    """Settings every real-text source shares: how text becomes token ids, and where the
+    prepared splits are cached."""
+
+    name: str = MISSING
+    vocabulary_size: int = 20000
+    """WordPiece vocabulary size, including [PAD] and [UNK]."""
+    sequence_length: int = 200
+    lowercase: bool = True
+    cache_dir: Optional[str] = None
+    """null = $FP8EXP_CACHE_DIR, else ~/.cache/fp8exp."""
+    split_seed: int = 42
+    """Seed of every split carved by fraction (the reference example's 42)."""
+    validation_fraction: float = 0.2
+    """Share of the training data held out for validation."""
+    test_fraction: float = 0.2
+    """Share carved out for testing when the source has no test split."""
+
+
+@dataclass
+class ImdbDataConfig(TextDataConfig):
+    name: str = "imdb"
+    url: str = IMDB_URL
+    """Where aclImdb_v1.tar.gz is downloaded from (a mirror works)."""
+    sha256: str = IMDB_SHA256
+    path: Optional[str] = None
+    """An already-extracted aclImdb directory: skips the download."""
+
+
+@dataclass
+class TextDirDataConfig(TextDataConfig):
+    name: str = "text_dir"
+    path: str = MISSING
+    """A directory laid out as <split>/<class>/*.txt (split: train, optional test)."""
+
+
+@dataclass
+class TableDataConfig(TextDataConfig):
+    name: str = "table"
+    path: str = MISSING
+    """A .csv, .tsv, .parquet or .jsonl file."""
+    text_column: str = "text"
+    label_column: str = "label"
+    classes: Optional[list[str]] = None
+    """Label values in class order; rows with other labels are dropped. null = all, sorted."""
+    split_column: Optional[str] = None
+    """Column holding train/validation/test per row; null = split by fraction."""
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
 @dataclass
 class ModelConfig:
     preset: str = MISSING
@@ -111,7 +167,9 @@ def register_configs() -> None:
     """Make the schemas visible to Hydra: the root one and one per data source."""
     cs = ConfigStore.instance()
     cs.store(name="fp8exp_schema", node=Config)
-    cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
+    for name, node in (("synthetic", SyntheticDataConfig), ("imdb", ImdbDataConfig),
+                       ("text_dir", TextDirDataConfig), ("table", TableDataConfig)):
+        cs.store(group="schema/data", name=name, node=node)
 
 
 def _positive(cfg: DictConfig, *keys: str, optional: bool = False) -> None:
@@ -143,6 +201,17 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "data.vocabulary_size", "data.sequence_length")
     if cfg.data.vocabulary_size < 3:
         raise ConfigError("data.vocabulary_size", f"got {cfg.data.vocabulary_size}, needs at least 3 (pad, unknown, one token)")
+    if cfg.data.name in ("text_dir", "table") and OmegaConf.is_missing(cfg.data, "path"):
+        kind = "a directory of <split>/<class>/*.txt" if cfg.data.name == "text_dir" else \
+            "a .csv, .tsv, .parquet or .jsonl file"
+        raise ConfigError("data.path", f"required for data={cfg.data.name}: {kind}")
+    if cfg.data.name != "synthetic":
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0.0 < cfg.data[key] < 1.0:
+                raise ConfigError(f"data.{key}", f"got {cfg.data[key]}, expected a value in (0, 1)")
+        if cfg.data.validation_fraction + cfg.data.test_fraction >= 1.0:
+            raise ConfigError("data.test_fraction", "data.validation_fraction + data.test_fraction "
+                              "must leave some data for training (sum below 1)")
     if cfg.data.name == "synthetic":
         _positive(cfg, "data.num_train", "data.num_validation", "data.num_test", "data.signal_tokens")
         if cfg.data.num_classes < 2:

@@ -130,7 +130,10 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
             cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
         train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
                             model.loss_for(splits.num_classes), cfg.trainer)
-        run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.sizes()})
+        run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.metrics()})
+        run.set_tags({"data.class_names": ", ".join(splits.class_names), "data.cache_hit": str(splits.cache_hit).lower()})
+        if splits.vocabulary:
+            run.log_text("\n".join(splits.vocabulary), "vocabulary.txt")
 
         callbacks = [tracking.EpochLogger(run)]
         fp8_logger = None

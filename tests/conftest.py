@@ -20,7 +20,7 @@ CONF = ROOT / "conf"
 
 # Small enough for seconds per run, big enough that the synthetic task is learned.
 FAST = [
-    "data.sequence_length=32", "data.num_train=512", "data.num_validation=128", "data.num_test=128",
+    "data=synthetic", "data.sequence_length=32", "data.num_train=512", "data.num_validation=128", "data.num_test=128",
     "data.vocabulary_size=500", "trainer.epochs=2", "trainer.batch_size=32",
 ]
 
@@ -43,6 +43,11 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "fp8exp", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CLOTHING = SHARED_DATA / "clothing_reviews.parquet"
+needs_clothing = pytest.mark.skipif(not CLOTHING.is_file(), reason=f"shared corpus {CLOTHING} is absent")
 
 
 @pytest.fixture(scope="session")

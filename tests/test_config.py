@@ -36,7 +36,9 @@ def test_reference_defaults():
     cfg = compose_config()
     assert (cfg.model.hidden_dim, cfg.model.num_heads, cfg.model.intermediate_dim,
             cfg.model.num_layers, cfg.model.dropout) == (32, 2, 32, 1, 0.1)
+    assert cfg.data.name == "imdb"
     assert (cfg.data.vocabulary_size, cfg.data.sequence_length) == (20000, 200)
+    assert (cfg.data.validation_fraction, cfg.data.split_seed) == (0.2, 42)
     assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (32, 3)
 
 
@@ -69,6 +71,11 @@ def test_default_store_is_sqlite_in_launch_dir(tmp_path, monkeypatch):
     (["precision.amax_history_length=16"], "precision.amax_history_length", "only applies to precision=float8"),
     (["trainer.steps_per_epoch=0"], "trainer.steps_per_epoch", "positive integer or null"),
     (["tracking.name=wandb"], "tracking.name", "mlflow, none"),
+    (["data=table"], "data.path", "required for data=table"),
+    (["data=text_dir"], "data.path", "required for data=text_dir"),
+    (["data.validation_fraction=1.5"], "data.validation_fraction", "(0, 1)"),
+    (["data=table", "data.path=x.csv", "data.validation_fraction=0.5", "data.test_fraction=0.5"],
+     "data.test_fraction", "sum below 1"),
 ])
 def test_bad_settings_name_the_key_and_what_is_valid(overrides, key, words):
     with pytest.raises(ConfigError) as error:

@@ -4,10 +4,14 @@ knows where the text came from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +25,11 @@ class Splits:
     class_names: list[str]
     vocabulary_size: int
     """Size of the embedding table: every token id is below it."""
+    vocabulary: list[str] | None = None
+    """WordPiece tokens by id, for sources of real text."""
+    notes: dict[str, int] = field(default_factory=dict)
+    """Counts from preparation worth logging: undecodable files, dropped rows."""
+    cache_hit: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -30,15 +39,61 @@ class Splits:
     def sequence_length(self) -> int:
         return self.x_train.shape[1]
 
-    def sizes(self) -> dict[str, float]:
-        """`data/` metrics: how many examples each split holds."""
-        return {"data/num_train": len(self.y_train), "data/num_validation": len(self.y_val),
-                "data/num_test": len(self.y_test)}
+    def metrics(self) -> dict[str, float]:
+        """`data/` metrics: split sizes, examples per class in training, preparation notes."""
+        metrics = {"data/num_train": len(self.y_train), "data/num_validation": len(self.y_val),
+                   "data/num_test": len(self.y_test), "data/num_classes": self.num_classes}
+        counts = np.bincount(self.y_train, minlength=self.num_classes)
+        metrics.update({f"data/train_class_{i}": int(c) for i, c in enumerate(counts)})
+        metrics.update({f"data/{key}": value for key, value in self.notes.items()})
+        return metrics
 
 
 def load(data: DictConfig) -> Splits:
-    """The seam every data source plugs into."""
+    """The seam every data source plugs into: synthetic data is generated, real text is
+    read, tokenized and cached under a fingerprint of the source and the settings."""
     if data.name == "synthetic":
         from fp8exp.data.synthetic import generate_splits
         return generate_splits(data)
-    raise ValueError(f"data.name: unknown dataset {data.name!r}")
+
+    from fp8exp.data import cache, imdb, sources
+
+    if data.name == "table":
+        path = Path(data.path).expanduser()
+        read, identity = (lambda: sources.read_table(path, data)), (
+            lambda: sources.file_identity(path) if path.is_file() else None)
+    else:
+        root = imdb.dataset_dir(data) if data.name == "imdb" else Path(data.path).expanduser()
+        read, identity = (lambda: sources.read_text_dir(root, data)), (
+            lambda: sources.directory_identity(root) if root.is_dir() else None)
+    source_id = identity()
+    if source_id is None:
+        return read_and_prepare(read, data)  # raises the reader's clear error about the path
+
+    settings = {k: v for k, v in OmegaConf.to_container(data).items() if k not in ("cache_dir", "path", "url")}
+    entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, cache.fingerprint(source_id, settings))
+    stored = cache.load(entry)
+    if stored is not None:
+        arrays, vocabulary, meta = stored
+        log.info("Using prepared %s data from %s", data.name, entry)
+        return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
+                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True)
+    splits = read_and_prepare(read, data)
+    cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
+                {"class_names": splits.class_names, "notes": splits.notes})
+    log.info("Prepared %s data cached in %s", data.name, entry)
+    return splits
+
+
+def read_and_prepare(read, data: DictConfig) -> Splits:
+    """Raw text -> WordPiece vocabulary (training split only) -> token ids."""
+    from fp8exp.data import tokenize
+
+    raw = read()
+    if data.lowercase:
+        raw.texts = {split: [t.lower() for t in texts] for split, texts in raw.texts.items()}
+    vocabulary = tokenize.train_vocabulary(raw.texts["train"], data.vocabulary_size)
+    x = {split: tokenize.encode(raw.texts[split], vocabulary, data.sequence_length) for split in raw.texts}
+    return Splits(x["train"], raw.labels["train"], x["validation"], raw.labels["validation"],
+                  x["test"], raw.labels["test"], class_names=raw.class_names,
+                  vocabulary_size=len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
