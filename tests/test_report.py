@@ -1,0 +1,197 @@
+"""`python -m fp8exp.report`: statistics against scipy's own, tables checked against the runs'
+metrics, files written and logged on the parent run, and the cases with nothing to compare."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from fp8exp import report
+from tests.test_sweep import basic_sweep
+
+REPORT_FILES = {"report.md", "report.csv", "accuracy.png", "step_time.png"}
+
+
+def log_sweep(uri: str, runs: list[dict], experiment: str = "fp8exp") -> str:
+    """A sweep as fp8exp logs it, without training: returns the parent run id."""
+    client = MlflowClient(uri)
+    artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+    experiment_id = client.create_experiment(experiment, artifact_location=artifacts.as_uri())
+    parent = client.create_run(experiment_id, run_name="sweep", tags={"sweep.jobs": str(len(runs))}).info.run_id
+    for spec in runs:
+        precision, hidden, seed = spec["precision"], spec["hidden"], spec["seed"]
+        run_id = client.create_run(experiment_id, run_name=f"{precision}-h{hidden}-s{seed}",
+                                   tags={"mlflow.parentRunId": parent, "device": "cpu:cpu x1"}).info.run_id
+        params = {"precision.name": precision, "model.hidden_dim": hidden, "model.intermediate_dim": hidden,
+                  "trainer.seed": seed, "precision.amax_history_length": 1024 if precision == "float8" else "null"}
+        metrics = [Metric(k, spec[k], 0, 32) for k in ("test/accuracy", "perf/step_time_ms") if k in spec]
+        metrics += [Metric("perf/examples_per_s", 32000 / spec.get("perf/step_time_ms", 1), 0, 32),
+                    Metric("model/params", 1000 * int(hidden), 0, 0)]
+        if precision == "float8" and spec.get("fp8", True):
+            metrics += [Metric(f"fp8/{layer}/{tensor}_scale", 0.01 * step, 0, step)
+                        for layer in ("dense", "head") for tensor in report.SCALED_TENSORS for step in (8, 16)]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("fp8exp", "test")])
+        client.set_terminated(run_id, spec.get("status", "FINISHED"))
+    client.set_terminated(parent)
+    return parent
+
+
+def grid(accuracy: dict[tuple, float], step_ms: dict[str, float]) -> list[dict]:
+    return [{"precision": p, "hidden": h, "seed": s, "test/accuracy": a, "perf/step_time_ms": step_ms[p] * int(h) / 32}
+            for (p, h, s), a in accuracy.items()]
+
+
+def make_report(uri: str, out: Path, *args: str) -> int:
+    return report.main(["--tracking-uri", uri, "--out", str(out), *args])
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with path.open() as handle:
+        return {(row["precision"], row["model.hidden_dim"]): row for row in csv.DictReader(handle)}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_paired_delta_matches_scipy_paired_t_interval():
+    fp8 = {"0": 0.81, "1": 0.84, "2": 0.80, "3": 0.83}
+    bf16 = {"0": 0.83, "1": 0.85, "2": 0.83, "3": 0.84}
+    delta = report.delta_ci(fp8, bf16)
+    expected = stats.ttest_rel(list(fp8.values()), list(bf16.values())).confidence_interval(0.95)
+    assert delta.paired and delta.n == 4
+    assert delta.mean == pytest.approx(-0.0175)
+    assert (delta.low, delta.high) == pytest.approx((expected.low, expected.high))
+    assert delta.verdict == "LOST accuracy"
+
+
+def test_unmatched_seeds_fall_back_to_welch():
+    fp8, bf16 = {"0": 0.80, "1": 0.86, "2": 0.83}, {"5": 0.84, "6": 0.82}
+    delta = report.delta_ci(fp8, bf16)
+    expected = stats.ttest_ind(list(fp8.values()), list(bf16.values()), equal_var=False).confidence_interval(0.95)
+    assert not delta.paired
+    assert (delta.low, delta.high) == pytest.approx((expected.low, expected.high))
+    assert delta.verdict == "no clear accuracy change"
+
+
+def test_one_seed_has_no_interval():
+    delta = report.delta_ci({"0": 0.9}, {"0": 0.8})
+    assert delta.low is None and delta.verdict == "one seed: no CI"
+    assert delta.mean == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- a logged sweep, no training
+
+ACCURACY = {("mixed_bfloat16", "32", "0"): 0.90, ("mixed_bfloat16", "32", "1"): 0.92, ("mixed_bfloat16", "32", "2"): 0.91,
+            ("float8", "32", "0"): 0.89, ("float8", "32", "1"): 0.92, ("float8", "32", "2"): 0.90,
+            ("mixed_bfloat16", "64", "0"): 0.93, ("mixed_bfloat16", "64", "1"): 0.94,
+            ("float8", "64", "0"): 0.93, ("float8", "64", "1"): 0.95}
+
+
+@pytest.fixture
+def uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_report_on_a_sweep_with_seeds(uri, tmp_path, capsys):
+    runs = grid(ACCURACY, {"mixed_bfloat16": 10.0, "float8": 12.5})
+    runs.append({"precision": "float8", "hidden": "64", "seed": "2", "status": "FAILED"})
+    parent = log_sweep(uri, runs)
+    assert make_report(uri, tmp_path / "out") == 0  # the latest sweep, by default
+
+    table = read_csv(tmp_path / "out" / "report.csv")
+    assert set(table) == {(p, h) for p in ("mixed_bfloat16", "float8") for h in ("32", "64")}
+    row = table[("float8", "32")]
+    assert row["seeds"] == "3"
+    assert float(row["test_accuracy_mean"]) == pytest.approx(np.mean([0.89, 0.92, 0.90]))
+    assert float(row["delta_accuracy"]) == pytest.approx(-0.02 / 3)
+    expected = stats.ttest_rel([0.89, 0.92, 0.90], [0.90, 0.92, 0.91]).confidence_interval(0.95)
+    assert (float(row["delta_ci_low"]), float(row["delta_ci_high"])) == pytest.approx((expected.low, expected.high))
+    assert float(row["speedup"]) == pytest.approx(0.8)
+    assert float(table[("float8", "64")]["speedup"]) == pytest.approx(0.8)
+    assert table[("float8", "64")]["seeds"] == "2"  # the failed run is left out
+    assert table[("mixed_bfloat16", "64")]["delta_accuracy"] == ""
+
+    out = capsys.readouterr().out
+    assert "float8 h32: accuracy -0.67 pts vs mixed_bfloat16 [95% CI -2.10, +0.77] -> no clear accuracy change; 0.80x slower" in out
+    assert "Left out 1 run(s) that did not finish (1 FAILED): float8-h64-s2." in out
+    assert "float8 is never faster than mixed_bfloat16 here" in out
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == REPORT_FILES | {"fp8_scales_float8_h32.png", "fp8_scales_float8_h64.png"}
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert logged == {f"report/{name}" for name in written}
+
+
+def test_no_baseline_still_reports_and_says_so(uri, tmp_path, capsys):
+    log_sweep(uri, [{"precision": "float8", "hidden": "32", "seed": "0", "test/accuracy": 0.9,
+                     "perf/step_time_ms": 5.0, "fp8": False}])
+    assert make_report(uri, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "No mixed_bfloat16 runs: accuracy deltas and speedups need the baseline" in out
+    assert {p.name for p in (tmp_path / "out").iterdir()} == REPORT_FILES  # no FP8 metrics, no scale plot
+
+
+def test_no_finished_runs_is_one_clear_line(uri, tmp_path, capsys):
+    parent = log_sweep(uri, [{"precision": "float8", "hidden": "32", "seed": "0", "status": "FAILED"}])
+    assert make_report(uri, tmp_path / "out", "--parent", parent) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fp8exp.report: error: sweep sweep has no finished runs (1 in all: 1 FAILED); nothing to compare")
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "no sweep in the store"),
+    (["--parent", "0" * 32], "--parent: no run '00000000000000000000000000000000' in the store"),
+    (["--experiment", "nope"], "no experiment named 'nope' in the store"),
+])
+def test_nothing_to_report_on(uri, tmp_path, capsys, args, message):
+    MlflowClient(uri).search_experiments()  # an empty store
+    assert make_report(uri, tmp_path / "out", *args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_store_names_it(tmp_path, capsys):
+    assert make_report(f"sqlite:///{tmp_path / 'none.db'}", tmp_path / "out") == 1
+    assert "no MLflow store at sqlite:///" in capsys.readouterr().err
+
+
+def test_experiment_mode_compares_runs_logged_one_by_one(uri, tmp_path):
+    log_sweep(uri, grid({k: v for k, v in ACCURACY.items() if k[1] == "32"}, {"mixed_bfloat16": 10.0, "float8": 8.0}),
+              experiment="by-hand")
+    assert make_report(uri, tmp_path / "out", "--experiment", "by-hand") == 0
+    assert float(read_csv(tmp_path / "out" / "report.csv")[("float8", "32")]["speedup"]) == pytest.approx(1.25)
+
+
+# ---------------------------------------------------------------- the real sweep
+
+
+@pytest.mark.slow
+def test_report_on_a_real_sweep_matches_its_runs(tmp_path_factory, capsys):
+    sweep = basic_sweep(tmp_path_factory)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    [parent] = sweep.parents()
+    children = {c.info.run_name: c.data.metrics for c in sweep.children(parent.info.run_id)}
+    uri = f"sqlite:///{sweep.cwd / 'mlflow.db'}"
+    assert report.main(["--tracking-uri", uri, "--parent", parent.info.run_id]) == 0
+
+    out = Path(parent.data.tags["sweep.dir"]) / "report"
+    table = read_csv(out / "report.csv")
+    for (precision, hidden), row in table.items():
+        metrics = children[f"{precision}-h{hidden}"]
+        assert float(row["test_accuracy_mean"]) == pytest.approx(metrics["test/accuracy"])
+        assert float(row["step_time_ms_median"]) == pytest.approx(metrics["perf/step_time_ms"])
+        assert float(row["params"]) == metrics["model/params"]
+        if precision == "float8":
+            base = children[f"mixed_bfloat16-h{hidden}"]
+            assert float(row["delta_accuracy"]) == pytest.approx(metrics["test/accuracy"] - base["test/accuracy"])
+            assert float(row["speedup"]) == pytest.approx(base["perf/step_time_ms"] / metrics["perf/step_time_ms"])
+            assert math.isfinite(float(row["examples_per_s_median"]))
+    assert {p.name for p in out.iterdir()} == REPORT_FILES | {"fp8_scales_float8_h32.png", "fp8_scales_float8_h64.png"}
+    assert "| float8 " in capsys.readouterr().out
+    assert len(MlflowClient(uri).list_artifacts(parent.info.run_id, "report")) == 6
