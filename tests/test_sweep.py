@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 
 from fp8exp.experiment import run_name
-from tests.conftest import FAST, ROOT, compose_config, run_cli
+from tests.conftest import CONF, FAST, ROOT, compose_config, run_cli
 
 SWEEP = ["precision=mixed_bfloat16,float8", "model.hidden_dim=32,64"]
 TINY = [*FAST, "trainer.epochs=1", "tracking.fp8_log_every=4"]
@@ -208,3 +208,25 @@ def test_prepared_sweeps_need_no_dash_m(tmp_path):
 def test_child_runs_are_named_from_what_varies(swept, expected):
     cfg = compose_config("precision=float8", "model.hidden_dim=256", "model.num_heads=4")
     assert run_name(cfg, swept) == expected
+
+
+def readme_sweeps() -> list[str]:
+    section = (ROOT / "README.md").read_text().split("## Sweeps and the report", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("command", readme_sweeps())
+def test_readme_sweeps_expand_to_valid_jobs(command):
+    """The README's sweep commands, expanded and validated as the launching process does."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from fp8exp.sweep import job_overrides, validated_jobs
+
+    args = [arg for arg in command.split()[3:] if arg != "-m"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        master = GlobalHydra.instance().config_loader().load_configuration("config", args, RunMode.MULTIRUN)
+        jobs = job_overrides(master)
+        assert len(validated_jobs(master, jobs)) == len(jobs) > 1
