@@ -5,6 +5,7 @@ under a second, before Keras, JAX or MLflow load."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -121,6 +122,10 @@ class PrecisionConfig:
     """float8 only: the policy the model is built under before quantize("float8")."""
     amax_history_length: Optional[int] = None
     """float8 only: amax history window per scaled tensor (Keras default 1024)."""
+    skip: Optional[str] = None
+    """float8 only: regex over layer paths to keep in high precision, e.g. `head`."""
+    only: Optional[str] = None
+    """float8 only: regex over layer paths; quantize just the Dense/EinsumDense layers it matches."""
 
 
 @dataclass
@@ -152,6 +157,10 @@ class TrackingConfig:
     """null = derived from precision and model size, e.g. float8-h512."""
     fp8_log_every: int = 100
     """Log FP8 scale/amax state every N optimizer steps (and at the end)."""
+    fp8_probe: bool = True
+    """At each FP8 log point, measure saturation, underflow and SQNR on one fixed batch."""
+    fp8_warn_fraction: float = 0.01
+    """Warn when more than this share of a tensor saturates or flushes to zero."""
 
 
 @dataclass
@@ -192,8 +201,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("precision.source_policy",
                               f"got {precision.source_policy!r}; valid: {', '.join(FP8_SOURCE_POLICIES)}")
         _positive(cfg, "precision.amax_history_length")
+        for key in ("skip", "only"):
+            pattern = precision[key]
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ConfigError(f"precision.{key}", f"{pattern!r} is not a valid regular expression ({error})")
     else:
-        for key in ("source_policy", "amax_history_length"):
+        for key in ("source_policy", "amax_history_length", "skip", "only"):
             if precision[key] is not None:
                 raise ConfigError(f"precision.{key}",
                                   f"only applies to precision=float8, not {precision.name}; remove it")
@@ -236,6 +252,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tracking.name not in TRACKERS:
         raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")
     _positive(cfg, "tracking.fp8_log_every")
+    if not 0.0 <= cfg.tracking.fp8_warn_fraction <= 1.0:
+        raise ConfigError("tracking.fp8_warn_fraction", f"got {cfg.tracking.fp8_warn_fraction}, expected a value in [0, 1]")
     if not str(cfg.tracking.experiment).strip():
         raise ConfigError("tracking.experiment", "must not be empty")
 

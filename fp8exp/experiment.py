@@ -116,7 +116,7 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     Raises ConfigError for settings only checkable at run time (an unreachable tracking server)."""
     import keras
 
-    from fp8exp import data, fp8, model, precision, tracking, train
+    from fp8exp import data, fp8, fp8_health, model, precision, tracking, train
 
     context = context or LaunchContext()
     tracking.check_reachable(cfg)
@@ -125,11 +125,12 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     splits = data.load(cfg.data)
     name = run_name(cfg, context.swept)
 
+    net = precision.build(cfg.precision, lambda: model.build_classifier(
+        cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
+    train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
+                        model.loss_for(splits.num_classes), cfg.trainer)
+
     with tracking.open_run(cfg, name, environment_tags(cfg, context)) as run:
-        net = precision.build(cfg.precision, lambda: model.build_classifier(
-            cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
-        train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
-                            model.loss_for(splits.num_classes), cfg.trainer)
         run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.metrics()})
         run.set_tags({"data.class_names": ", ".join(splits.class_names), "data.cache_hit": str(splits.cache_hit).lower()})
         if splits.vocabulary:
@@ -138,18 +139,46 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
         callbacks = [tracking.EpochLogger(run)]
         fp8_logger = None
         if cfg.precision.name == "float8" and cfg.tracking.name != "none":
-            fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, run.log_metrics)
+            probe = fp8_health.Probe(net, splits.x_val[:cfg.trainer.batch_size]) if cfg.tracking.fp8_probe else None
+            fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, run.log_metrics, probe)
             callbacks.append(fp8_logger)
 
         result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks)
         final = {f"test/{key}": value for key, value in result.test.items()}
         final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
                                         disturbed_steps=fp8_logger.logged_steps if fp8_logger else ()))
+        if cfg.precision.name == "float8":
+            final.update(report_fp8(run, net, splits, cfg, fp8_logger))
         run.log_metrics(final, step=result.steps)
 
     outcome = Outcome(run.run_id, name, final)
     print_summary(cfg, outcome)
     return outcome
+
+
+def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
+    """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
+    (scales, histories, probe), and which layers it covers. Returns metrics to log."""
+    from fp8exp import fp8_gemm, fp8_health
+
+    batch = slice(0, cfg.trainer.batch_size)
+    gemm = fp8_gemm.inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
+    run.set_tags({"fp8.gemm": gemm.verdict})
+    run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
+    if gemm.verdict != "fused":
+        log.warning("FP8 is %s on this device: %d of %d FP8 matmuls run as FP8 GEMMs, the rest are "
+                    "quantize-dequantize in the compute dtype; compare accuracy here, not step time",
+                    gemm.verdict, gemm.fused, gemm.fp8_matmuls)
+    metrics = gemm.metrics()
+    if logger is not None and logger.probe is not None:
+        health = fp8_health.check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction,
+                                         logger.probe.sizes)
+        for message in health.messages():
+            log.warning(message)
+        run.set_tags(health.tags())
+        run.log_text(fp8_health.layer_table(net, logger.probe.captures), "fp8/layers.md")
+        metrics["perf/fp8_probe_s"] = logger.probe_seconds
+    return metrics
 
 
 def print_summary(cfg: DictConfig, outcome: Outcome) -> None:

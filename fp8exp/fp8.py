@@ -3,6 +3,7 @@ turn them into metrics, without disturbing the training it observes."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,10 +63,14 @@ class Fp8StateLogger(StepCallback):
     touched only at log points, which are listed in `logged_steps` for the step timer to skip.
     """
 
-    def __init__(self, every: int, sink: Callable[[dict[str, float], int], None]):
+    def __init__(self, every: int, sink: Callable[[dict[str, float], int], None], probe=None):
         super().__init__()
         self.every = every
         self.sink = sink
+        self.probe = probe
+        """Optional object whose `metrics()` adds probe-batch diagnostics at each log point."""
+        self.probe_metrics: dict[str, float] = {}
+        self.probe_seconds = 0.0
         self.logged_steps: list[int] = []
 
     def on_train_batch_end(self, batch, logs=None):
@@ -79,5 +84,11 @@ class Fp8StateLogger(StepCallback):
             self._log()
 
     def _log(self):
-        self.sink(state_metrics(scale_variables(self.model)), self.step)
+        metrics = state_metrics(scale_variables(self.model))
+        if self.probe is not None:
+            started = time.perf_counter()
+            self.probe_metrics = self.probe.metrics()
+            self.probe_seconds += time.perf_counter() - started
+            metrics.update(self.probe_metrics)
+        self.sink(metrics, self.step)
         self.logged_steps.append(self.step)

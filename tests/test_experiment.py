@@ -79,6 +79,21 @@ def test_float8_logs_scale_and_amax_for_every_quantized_layer(runs):
     assert [m.step for m in history] == [8, 16, 24, 32]
 
 
+def test_float8_run_records_gemm_verdict_health_and_layer_table(runs):
+    client, outcomes = runs
+    run = client.get_run(outcomes["float8"].run_id)
+    assert run.data.tags["fp8.gemm"] == "emulated"
+    assert run.data.metrics["fp8/gemm/fp8_matmuls"] == 24 and run.data.metrics["fp8/gemm/fused"] == 0
+    health = {k: v for k, v in run.data.tags.items() if k.startswith("fp8.health")}
+    assert health == {"fp8.health": "ok"}  # a healthy run stays silent
+    assert run.data.metrics["perf/fp8_probe_s"] > 0
+    for layer in EXPECTED_TINY_FP8_LAYERS:
+        for name in ("inputs_saturation", "inputs_underflow", "inputs_sqnr_db", "kernel_sqnr_db"):
+            assert f"fp8/{layer}/{name}" in run.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "fp8")]
+    assert sorted(artifacts) == ["fp8/layers.md", "fp8/train_step_hlo.txt"]
+
+
 @pytest.mark.parametrize("name", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_other_precisions_log_no_fp8_state(runs, name):
     client, outcomes = runs
