@@ -19,7 +19,8 @@ from fp8exp.experiment import run_name
 from tests.conftest import CONF, FAST, ROOT, compose_config, run_cli
 
 SWEEP = ["precision=mixed_bfloat16,float8", "model.hidden_dim=32,64"]
-TINY = [*FAST, "trainer.epochs=1", "tracking.fp8_log_every=4"]
+# One short epoch: compiling dominates a job, so fewer steps and FP8 log points are what can go.
+TINY = [*FAST, "trainer.epochs=1", "trainer.steps_per_epoch=8", "trainer.eval_steps=2", "tracking.fp8_log_every=4"]
 NAMES = {"mixed_bfloat16-h32", "mixed_bfloat16-h64", "float8-h32", "float8-h64"}
 METRIC_PREFIXES = ("train/", "val/", "test/", "perf/", "fp8/", "model/", "data/")
 
