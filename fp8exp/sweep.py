@@ -56,10 +56,10 @@ class Sweep:
         """The sweep of the running Hydra job, or None outside a sweep started by SweepCallback."""
         from hydra.types import RunMode
 
-        path = Path(str(hydra_cfg.sweep.dir)).resolve() / SWEEP_FILE
-        if hydra_cfg.mode != RunMode.MULTIRUN or not path.exists():
+        if hydra_cfg.mode != RunMode.MULTIRUN:
             return None
-        return cls(**json.loads(path.read_text()))
+        path = Path(str(hydra_cfg.sweep.dir)).resolve() / SWEEP_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
 
     def values_in(self, overrides: list[str]) -> list[str]:
         """The overrides of one job that set a varying key: what tells the job apart."""
