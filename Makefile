@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report ui lock clean
+.PHONY: help install run test report bench ui lock clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: $(STAMP) ## Run the test suite (CPU only)
 
 report: $(STAMP) ## Compare the latest sweep (table, plots, logged on its parent run); ARGS="--parent RUN_ID"
 	$(PY) -m fp8exp.report $(ARGS)
+
+bench: $(STAMP) ## Run the benchmarks on this machine and rewrite docs/benchmarks.md (~15 min on 2 cores)
+	$(PY) -m benchmarks.run $(ARGS)
 
 ui: $(STAMP) ## Open the MLflow UI on the default store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)

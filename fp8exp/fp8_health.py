@@ -42,8 +42,9 @@ class Capture:
 
 
 class Probe:
-    """Runs the model on one fixed batch (inference mode: scales stay frozen) and records
-    each quantized layer's input as the layer itself sees it."""
+    """Runs the model on one fixed batch (inference mode: scales stay frozen) and records each
+    quantized layer's input as the layer itself sees it. The forward pass is compiled once,
+    with the variables as arguments, so a probe costs one forward pass, not an eager walk."""
 
     def __init__(self, model: keras.Model, batch: np.ndarray):
         self.model = model
@@ -51,27 +52,38 @@ class Probe:
         self.captures: dict[str, Capture] = {}
         self.sizes: dict[str, int] = {}
         """Elements per measured `<layer>/<tensor>`, so a share can be told from one element."""
+        self._forward = None
+        self._output_shapes: dict[str, tuple[int, ...]] = {}
 
-    def run(self) -> dict[str, Capture]:
-        layers = {entry.layer: None for entry in scale_variables(self.model)}
-        by_path = {layer.path: layer for layer in self.model._flatten_layers(include_self=False)}
-        captures: dict[str, Capture] = {}
-        for path in layers:
-            layer = by_path[path]
-
-            def capturing(inputs, *args, _layer=layer, _path=path, **kwargs):
-                outputs = type(_layer).quantized_call(_layer, inputs, *args, **kwargs)
-                captures[_path] = Capture(np.asarray(inputs, np.float32), tuple(outputs.shape))
+    def _capturing_forward(self, trainable, non_trainable, batch):
+        paths = {entry.layer for entry in scale_variables(self.model)}
+        layers = [layer for layer in self.model._flatten_layers(include_self=False) if layer.path in paths]
+        inputs: dict = {}
+        for layer in layers:
+            def capturing(x, *args, _layer=layer, **kwargs):
+                outputs = type(_layer).quantized_call(_layer, x, *args, **kwargs)
+                inputs[_layer.path] = x
+                self._output_shapes[_layer.path] = tuple(outputs.shape)
                 return outputs
 
             layer.quantized_call = capturing  # an instance attribute shadows the method
         try:
-            self.model(self.batch, training=False)
+            self.model.stateless_call(trainable, non_trainable, batch, training=False)
         finally:
-            for path in layers:
-                del by_path[path].quantized_call
-        self.captures = captures
-        return captures
+            for layer in layers:
+                del layer.quantized_call
+        return inputs
+
+    def run(self) -> dict[str, Capture]:
+        import jax
+
+        if self._forward is None:
+            self._forward = jax.jit(self._capturing_forward)
+        inputs = self._forward([v.value for v in self.model.trainable_variables],
+                               [v.value for v in self.model.non_trainable_variables], self.batch)
+        self.captures = {path: Capture(np.asarray(x, np.float32), self._output_shapes[path])
+                         for path, x in inputs.items()}
+        return self.captures
 
     def metrics(self) -> dict[str, float]:
         """`fp8/<layer>/{inputs,kernel}_{saturation,underflow,sqnr_db}` for the current state."""

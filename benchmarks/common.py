@@ -1,0 +1,104 @@
+"""Timing one configuration the way fp8exp times it, without Hydra or MLflow, so the GPU kit
+and the size sweep need only JAX, Keras and keras-hub (never TensorFlow)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+
+import fp8exp  # noqa: F401  (selects the JAX backend)
+import jax
+import keras
+import numpy as np
+from omegaconf import OmegaConf
+
+from fp8exp import fp8_gemm, model, precision, train
+from fp8exp.data.synthetic import generate
+
+
+@dataclass
+class Timing:
+    precision: str
+    hidden_dim: int
+    sequence_length: int
+    median_ms: float
+    p90_ms: float
+    examples_per_s: float
+    gemm: str
+    fp8_matmuls: int
+    fused: int
+
+
+def build(precision_name: str, hidden_dim: int, sequence_length: int, num_layers: int = 1,
+          vocabulary_size: int = 20000, num_heads: int | None = None) -> keras.Model:
+    heads = num_heads or (hidden_dim // 64 if hidden_dim >= 128 else 2)
+    model_cfg = OmegaConf.create(dict(hidden_dim=hidden_dim, num_heads=heads, intermediate_dim=4 * hidden_dim
+                                      if hidden_dim >= 512 else hidden_dim, num_layers=num_layers, dropout=0.1))
+    precision_cfg = OmegaConf.create(dict(name=precision_name, skip=None, only=None,
+                                          source_policy="mixed_bfloat16" if precision_name == "float8" else None,
+                                          amax_history_length=1024 if precision_name == "float8" else None))
+    net = precision.build(precision_cfg, lambda: model.build_classifier(model_cfg, vocabulary_size, sequence_length, 2))
+    net.compile(optimizer=precision.optimizer(precision_cfg, 1e-3), loss="binary_crossentropy", metrics=["accuracy"])
+    return net
+
+
+def synthetic_batch_data(count: int, sequence_length: int, vocabulary_size: int = 20000, seed: int = 0):
+    cfg = OmegaConf.create(dict(vocabulary_size=vocabulary_size, sequence_length=sequence_length,
+                                num_classes=2, signal_tokens=8))
+    return generate(np.random.default_rng(seed), count, cfg)
+
+
+def time_steps(net: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int, steps: int) -> tuple[train.StepTimer, float]:
+    """Warm up (compile) with one step, then `steps` timed steps: fp8exp's own step timer and
+    the external wall time of the whole fit call divided by the steps."""
+    net.fit(x[:batch_size], y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
+    timer = train.StepTimer()
+    started = time.perf_counter()
+    net.fit(x, y, batch_size=batch_size, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    jax.block_until_ready([v.value for v in net.trainable_variables])
+    return timer, (time.perf_counter() - started) / steps
+
+
+def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_size: int, steps: int,
+            num_layers: int = 1, check_gemm: bool = True) -> Timing:
+    net = build(precision_name, hidden_dim, sequence_length, num_layers)
+    x, y = synthetic_batch_data(batch_size * steps, sequence_length)
+    timer, _ = time_steps(net, x, y, batch_size, steps)
+    times = np.asarray([seconds / count for _, count, seconds in timer.calls])
+    median = float(np.median(times))
+    report = fp8_gemm.inspect_train_step(net, x[:batch_size], y[:batch_size]) \
+        if check_gemm and precision_name == "float8" else None
+    return Timing(precision_name, hidden_dim, sequence_length, median * 1e3, float(np.percentile(times, 90)) * 1e3,
+                  batch_size / median, report.verdict if report else "-",
+                  report.fp8_matmuls if report else 0, report.fused if report else 0)
+
+
+def machine() -> str:
+    devices = jax.devices()
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("keras", "keras-hub", "jax"))
+    return (f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
+            f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}; Python {platform.python_version()}; "
+            f"{versions}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def size_table(timings: list[Timing], baseline: str = "mixed_bfloat16") -> str:
+    """One row per (size, sequence): median ms/step per precision and FP8's speedup over BF16."""
+    keyed = {(t.hidden_dim, t.sequence_length, t.precision): t for t in timings}
+    precisions = sorted({t.precision for t in timings}, key=["float32", "mixed_bfloat16", "float8"].index)
+    rows = []
+    for hidden, length in sorted({(t.hidden_dim, t.sequence_length) for t in timings}):
+        cells = [hidden, length] + [f"{keyed[(hidden, length, p)].median_ms:.2f}" for p in precisions]
+        fp8, base = keyed.get((hidden, length, "float8")), keyed.get((hidden, length, baseline))
+        cells.append(f"{base.median_ms / fp8.median_ms:.2f}x" if fp8 and base else "-")
+        cells.append(f"{fp8.gemm} ({fp8.fused}/{fp8.fp8_matmuls})" if fp8 else "-")
+        rows.append(cells)
+    return markdown_table(["hidden", "seq"] + [f"{p} ms" for p in precisions] + ["fp8 speedup vs bf16", "FP8 GEMMs"], rows)

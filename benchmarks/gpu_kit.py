@@ -1,0 +1,52 @@
+"""The FP8 crossover on a GPU: BF16 vs FP8 step time at sizes where FP8 should win, with
+proof from the compiled step that FP8 GEMMs really ran. Needs only a CUDA JAX plus the
+wheels benchmarks/gpu_wheels.sh downloads: no TensorFlow, no MLflow, no network.
+
+    python -m benchmarks.gpu_kit                      # hidden 1024..8192, ~10 min on one H100/H200
+    python -m benchmarks.gpu_kit --quick              # tiny, to check the code runs (CPU is fine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.common import machine, measure, size_table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sequence", type=int, default=512, help="batch x sequence = the GEMMs' M")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-gpu.md"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.layers, args.batch, args.sequence, args.steps = [32], 1, 4, 16, 3
+
+    timings = []
+    for hidden in args.sizes:
+        for precision in ("mixed_bfloat16", "float8"):
+            timing = measure(precision, hidden, args.sequence, args.batch, args.steps, num_layers=args.layers)
+            print(f"hidden {hidden} {precision}: {timing.median_ms:.2f} ms/step, FP8 GEMMs {timing.gemm}", flush=True)
+            timings.append(timing)
+    fp8 = [t for t in timings if t.precision == "float8"]
+    verdict = ("every FP8 matmul ran as an FP8 GEMM" if all(t.gemm == "fused" for t in fp8) else
+               "**not every FP8 matmul ran as an FP8 GEMM** (see the last column): the speed-up understates FP8")
+    text = (f"Machine: {machine()}.\nCommand: `python -m benchmarks.gpu_kit {' '.join(argv or sys.argv[1:])}`.\n\n"
+            f"{args.layers} decoder layers, batch {args.batch} x sequence {args.sequence} "
+            f"(M = {args.batch * args.sequence} tokens per GEMM), intermediate 4x hidden, median of {args.steps} "
+            f"steps after compilation. FP8 = Keras delayed scaling (amax history 1024) from mixed_bfloat16. "
+            f"Check: {verdict}.\n\n" + size_table(timings) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
