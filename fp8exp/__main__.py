@@ -14,6 +14,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    in_sweep = False
     try:
         validate(cfg)
         from fp8exp.experiment import LaunchContext, run_experiment
@@ -22,11 +23,26 @@ def main(cfg: DictConfig) -> float:
         if context.sweep:  # a failed job is recorded, and the sweep goes on
             from fp8exp.sweep import run_job
 
+            in_sweep = True
             return run_job(cfg, context)
         return run_experiment(cfg, context).metrics["test/accuracy"]
     except ConfigError as error:
         print(f"fp8exp: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as error:  # the run is KILLED; exit 128 + signal (130 Ctrl-C, 143 SIGTERM)
+        from fp8exp.stopping import Interrupted
+
+        if in_sweep:  # the launcher stops the sweep and ends its parent run KILLED
+            raise
+        print(f"fp8exp: {error}" if isinstance(error, Interrupted) else "fp8exp: interrupted", file=sys.stderr)
+        sys.exit(error.exit_code if isinstance(error, Interrupted) else 130)
+    except Exception as error:
+        from fp8exp.stopping import NumericalFault
+
+        if not isinstance(error, NumericalFault):
+            raise
+        print(f"fp8exp: error: {error}", file=sys.stderr)  # the run is FAILED, with the details as tags
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,15 @@ class TrainerConfig:
     """null = the whole validation/test split; caps evaluation batches otherwise."""
     steps_per_execution: int = 1
     """Training steps fused into one compiled call (fewer host round trips)."""
+    checkpoint_every: Optional[int] = 500
+    """Write a checkpoint (weights, FP8 scales and amax histories, optimizer and metric state, RNG
+    state, data position) into the MLflow run every N optimizer steps; null = only when a signal
+    (SIGINT, SIGTERM, SIGUSR2) stops training."""
+    resume: bool = False
+    """Continue the latest KILLED or FAILED run of this exact config from its checkpoint; start a
+    new run when there is none (so a preemptible job can always pass it)."""
+    resume_from: Optional[str] = None
+    """Continue this MLflow run id from its checkpoint (its settings must match)."""
 
 
 @dataclass
@@ -161,6 +170,14 @@ class TrackingConfig:
     """At each FP8 log point, measure saturation, underflow and SQNR on one fixed batch."""
     fp8_warn_fraction: float = 0.01
     """Warn when more than this share of a tensor saturates or flushes to zero."""
+    required: bool = True
+    """An http(s) tracking server unreachable at start is an error; false = train and log to
+    `offline_uri` instead (deliver later with `python -m fp8exp.tracking_sync`)."""
+    retry_s: float = 30.0
+    """At the end of a run, how long to keep retrying a tracking server that went away mid-run
+    before writing the whole run to `offline_uri` (at most 5 s after SIGINT/SIGTERM)."""
+    offline_uri: Optional[str] = None
+    """Local store for runs a tracking server could not take; null = sqlite:///<launch dir>/mlflow-offline.db."""
 
 
 @dataclass
@@ -247,7 +264,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.dropout", f"got {model.dropout}, expected a value in [0, 1)")
 
     _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
-    _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", optional=True)
+    _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.checkpoint_every", optional=True)
+    if (cfg.trainer.resume or cfg.trainer.resume_from) and cfg.tracking.name == "none":
+        key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
+        raise ConfigError(key, "needs tracking=mlflow: checkpoints live in the MLflow run")
 
     if cfg.tracking.name not in TRACKERS:
         raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")
@@ -256,6 +276,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("tracking.fp8_warn_fraction", f"got {cfg.tracking.fp8_warn_fraction}, expected a value in [0, 1]")
     if not str(cfg.tracking.experiment).strip():
         raise ConfigError("tracking.experiment", "must not be empty")
+    if cfg.tracking.name != "none" and cfg.tracking.retry_s < 0:
+        raise ConfigError("tracking.retry_s", f"got {cfg.tracking.retry_s}, expected 0 or more seconds")
 
 
 def launch_dir() -> str:
@@ -269,3 +291,7 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 def artifact_root(cfg: DictConfig) -> str:
     return cfg.tracking.artifact_root or os.path.join(launch_dir(), "mlartifacts")
+
+
+def offline_uri(cfg: DictConfig) -> str:
+    return cfg.tracking.get("offline_uri") or f"sqlite:///{os.path.join(launch_dir(), 'mlflow-offline.db')}"

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from fp8exp.config import ConfigError
+
 if TYPE_CHECKING:
     from fp8exp.sweep import Sweep
 
@@ -47,6 +49,8 @@ class Outcome:
     run_id: str | None
     run_name: str
     metrics: dict[str, float]
+    note: str = ""
+    """What happened to the tracking data, when the tracking server was away (else empty)."""
 
 
 # How a swept key shows in a run name; config groups show as their choice, other keys as leaf=value.
@@ -104,7 +108,9 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
 
 
 def interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM ends the run like Ctrl-C does: KILLED, not left RUNNING."""
+    """A scheduler's SIGTERM ends the run like Ctrl-C does: KILLED, not left RUNNING. (Inside
+    run_experiment, stopping.GracefulStop takes over: the current step finishes and a
+    checkpoint is written first.)"""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -113,15 +119,38 @@ def interrupt_on_sigterm() -> None:
 
 def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Outcome:
     """Train and evaluate one configuration; `cfg` must already have passed config.validate.
-    Raises ConfigError for settings only checkable at run time (an unreachable tracking server)."""
+    Raises ConfigError for settings only checkable at run time (an unreachable tracking server,
+    a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
+    checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
     import keras
 
-    from fp8exp import data, fp8, fp8_health, model, precision, tracking, train
+    from fp8exp import checkpoint, stopping, tracking
 
     context = context or LaunchContext()
-    tracking.check_reachable(cfg)
-    interrupt_on_sigterm()
-    keras.utils.set_random_seed(cfg.trainer.seed)
+    online = tracking.check_reachable(cfg)
+    resume = None
+    if cfg.trainer.resume or cfg.trainer.resume_from:
+        if not online and cfg.trainer.resume_from:
+            raise ConfigError("trainer.resume_from", "the tracking server holding the run is unreachable")
+        resume = checkpoint.find_resume(cfg) if online else None
+    with stopping.GracefulStop() as stop:
+        keras.utils.set_random_seed(cfg.trainer.seed)
+        try:
+            return _run(cfg, context, resume, stop, online)
+        except stopping.Interrupted as interrupted:
+            if interrupted.checkpoint_step is not None:
+                interrupted.resume_hint = ("; to continue, rerun the same command with trainer.resume=true "
+                                           f"(or trainer.resume_from={interrupted.run_id})")
+            raise
+
+
+def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) -> Outcome:
+    import tempfile
+
+    import keras
+
+    from fp8exp import checkpoint, data, fp8, fp8_health, model, precision, stopping, tracking, train
+
     splits = data.load(cfg.data)
     name = run_name(cfg, context.swept)
 
@@ -129,29 +158,74 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
         cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
     train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
                         model.loss_for(splits.num_classes), cfg.trainer)
+    steps = train.steps_per_epoch(len(splits.y_train), cfg.trainer)
+    start_step = resume.state.step if resume else 0
+    if resume and resume.state.meta["steps_per_epoch"] != steps:
+        raise ConfigError("trainer.resume", f"the checkpoint has {resume.state.meta['steps_per_epoch']} steps "
+                          f"per epoch, this data and config {steps}: the training data changed")
+    config_hash = checkpoint.config_hash(cfg)
+    tags = {**environment_tags(cfg, context), "fp8exp.config_hash": config_hash}
 
-    with tracking.open_run(cfg, name, environment_tags(cfg, context)) as run:
-        run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.metrics()})
-        run.set_tags({"data.class_names": ", ".join(splits.class_names), "data.cache_hit": str(splits.cache_hit).lower()})
-        if splits.vocabulary:
-            run.log_text("\n".join(splits.vocabulary), "vocabulary.txt")
+    # Checkpoints bound for a tracking server are staged here until uploaded (even if that waits
+    # for the offline copy, written when the run closes).
+    with tempfile.TemporaryDirectory(prefix="fp8exp-checkpoint-") as staging_dir, \
+            tracking.open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
+                              checkpoint_root=context.output_dir, shield=stop.deferred) as run:
+        staging = Path(staging_dir)
+        try:
+            if resume is None:
+                run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.metrics()})
+                run.set_tags({"data.class_names": ", ".join(splits.class_names),
+                              "data.cache_hit": str(splits.cache_hit).lower()})
+                if splits.vocabulary:
+                    run.log_text("\n".join(splits.vocabulary), "vocabulary.txt")
 
-        callbacks = [tracking.EpochLogger(run)]
-        fp8_logger = None
-        if cfg.precision.name == "float8" and cfg.tracking.name != "none":
-            probe = fp8_health.Probe(net, splits.x_val[:cfg.trainer.batch_size]) if cfg.tracking.fp8_probe else None
-            fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, run.log_metrics, probe)
-            callbacks.append(fp8_logger)
+            def save(model_, step):
+                bad = stopping.non_finite_fp8(model_)
+                if bad:  # never overwrite the last good checkpoint with a broken state
+                    raise stopping.NumericalFault(step, "FP8 scale or amax", bad, checkpointer.last_saved)
+                return checkpoint.store(run, checkpoint.capture(model_, step, steps, config_hash), staging)
 
-        result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks)
+            checkpointer = checkpoint.Checkpointer(cfg.trainer.checkpoint_every, steps, steps * cfg.trainer.epochs,
+                                                   stop, save)
+            checkpointer.start_at(start_step)
+            guard = stopping.NonFiniteGuard(lambda: checkpointer.last_saved)
+            callbacks = [checkpoint.Restore(resume.state)] if resume else []
+            callbacks.append(tracking.EpochLogger(run))
+            fp8_logger = None
+            if cfg.precision.name == "float8" and cfg.tracking.name != "none":
+                probe = fp8_health.Probe(net, splits.x_val[:cfg.trainer.batch_size]) if cfg.tracking.fp8_probe else None
+
+                def fp8_sink(metrics, step):
+                    run.log_metrics(metrics, step)
+                    guard.check_fp8_metrics(metrics, step)
+
+                fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
+                if start_step:  # logged before the interruption; the next log point follows from it
+                    fp8_logger.logged_steps.append(start_step)
+                callbacks.append(fp8_logger)
+            callbacks += [guard, checkpointer]
+
+            with stop.deferred():  # until training ends: the Checkpointer acts on signals at step boundaries
+                result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks,
+                                                **({"start_step": start_step} if start_step else {}))
+        except stopping.Interrupted as interrupted:
+            interrupted.run_id = run.run_id
+            raise
         final = {f"test/{key}": value for key, value in result.test.items()}
+        disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps]
         final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
-                                        disturbed_steps=fp8_logger.logged_steps if fp8_logger else ()))
+                                        disturbed_steps=disturbed))
+        if isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Dynamic loss scaling: steps whose float16 gradients overflowed were skipped, not fatal.
+            final["train/loss_scale"] = float(keras.ops.convert_to_numpy(net.optimizer.dynamic_scale))
+            applied = int(keras.ops.convert_to_numpy(net.optimizer.inner_optimizer.iterations))
+            final["train/skipped_steps"] = float(result.steps - applied)
         if cfg.precision.name == "float8":
             final.update(report_fp8(run, net, splits, cfg, fp8_logger))
         run.log_metrics(final, step=result.steps)
 
-    outcome = Outcome(run.run_id, name, final)
+    outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)
     return outcome
 
@@ -192,3 +266,5 @@ def print_summary(cfg: DictConfig, outcome: Outcome) -> None:
     if outcome.run_id:
         print(f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}'. "
               f"Browse: {ui_command(cfg)}")
+    if outcome.note:
+        print(outcome.note)

@@ -80,24 +80,78 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, los
                   steps_per_execution=trainer.steps_per_execution)
 
 
+def steps_per_epoch(num_train: int, trainer: DictConfig) -> int:
+    """`trainer.steps_per_epoch`, else one pass over the training split (a partial last batch included)."""
+    return trainer.steps_per_epoch or -(-num_train // trainer.batch_size)
+
+
+def epoch_order(num_train: int, trainer: DictConfig, epoch: int) -> np.ndarray:
+    """The training examples of `epoch`, in order: a permutation seeded by (trainer.seed, epoch)
+    alone, so any step's batch can be recomputed after a restart (see checkpoint.py). With
+    `trainer.steps_per_epoch`, exactly that many full batches, reshuffling when the split runs out."""
+    rng = np.random.default_rng([trainer.seed, epoch])
+    order = rng.permutation(num_train)
+    if trainer.steps_per_epoch is None:
+        return order
+    needed = trainer.steps_per_epoch * trainer.batch_size
+    while len(order) < needed:
+        order = np.concatenate([order, rng.permutation(num_train)])
+    return order[:needed]
+
+
+class OneTraining(keras.callbacks.CallbackList):
+    """One callback list across the per-epoch `fit` calls: callbacks see a single training
+    (one on_train_begin, one on_train_end), as with a single `fit`."""
+
+    _open = False
+
+    def on_train_begin(self, logs=None):
+        if not self._open:
+            self._open = True
+            super().on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        pass
+
+    def finish(self, logs=None):
+        super().on_train_end(logs)
+
+
 def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
-                     callbacks: list[keras.callbacks.Callback]) -> TrainResult:
+                     callbacks: list[keras.callbacks.Callback], start_step: int = 0) -> TrainResult:
+    """Train from optimizer step `start_step` (0, or a checkpoint's) to the end, then evaluate.
+    Each epoch is one `fit` call on that epoch's examples in `epoch_order`, skipping the batches
+    a resumed epoch already trained on; Keras' own shuffling is off."""
     timer = StepTimer()
-    history = model.fit(
-        splits.x_train, splits.y_train,
-        validation_data=(splits.x_val, splits.y_val),
-        batch_size=trainer.batch_size,
-        epochs=trainer.epochs,
-        steps_per_epoch=trainer.steps_per_epoch,
-        validation_steps=trainer.eval_steps,
-        shuffle=True,
-        callbacks=[timer, *callbacks],
-        verbose=1 if sys.stdout.isatty() else 2,  # a progress bar for people, a line per epoch for logs
-    )
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar for people, a line per epoch for logs
+    steps = steps_per_epoch(len(splits.y_train), trainer)
+    callback_list = OneTraining([timer, *callbacks], add_history=True, add_progbar=True, verbose=verbose,
+                                epochs=trainer.epochs, steps=steps, model=model)
+    for callback in callback_list.callbacks:
+        if isinstance(callback, StepCallback):
+            callback.step = start_step
+    first_epoch, done_in_first = divmod(start_step, steps)
+    history = None
+    for epoch in range(first_epoch, trainer.epochs):
+        order = epoch_order(len(splits.y_train), trainer, epoch)
+        if epoch == first_epoch:
+            order = order[done_in_first * trainer.batch_size:]
+        history = model.fit(
+            splits.x_train[order], splits.y_train[order],
+            validation_data=(splits.x_val, splits.y_val),
+            batch_size=trainer.batch_size,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            validation_steps=trainer.eval_steps,
+            shuffle=False,
+            callbacks=callback_list,
+            verbose=verbose,
+        )
+    callback_list.finish()
     test = model.evaluate(splits.x_test, splits.y_test, batch_size=trainer.batch_size,
                           steps=trainer.eval_steps, return_dict=True, verbose=0)
     return TrainResult(
-        history={key: [float(v) for v in values] for key, values in history.history.items()},
+        history={key: [float(v) for v in values] for key, values in (history.history if history else {}).items()},
         test={key: float(value) for key, value in test.items()},
         timer=timer,
     )

@@ -1,0 +1,329 @@
+"""Checkpoints that let an interrupted run continue exactly where it stopped.
+
+What is saved: every model variable (weights, the FP8 scales and amax histories, the dropout seed
+generators' states), the optimizer's variables (Adam moments, iteration count, a loss scale), the
+running training metrics of a part-done epoch, the global NumPy and Python RNG states, and the
+position: the optimizer step. The data order is a pure function of (trainer.seed, epoch)
+(train.epoch_order), so the step alone says which batch comes next.
+
+Where: in the MLflow run's artifacts, `checkpoints/last.npz`, so `trainer.resume_from=RUN_ID`
+finds it from any machine that reaches the store, and the run itself records what it can be
+resumed from (tags `checkpoint.step`, `checkpoint.epoch`). With a local artifact store the file is
+written in place; with a server it is written to a local staging file and uploaded (retried
+like any other tracking call while the server is away). Either way one .npz holds arrays and
+metadata together, written to `<name>.partial`, fsynced, then renamed over the previous one: a
+crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fp8exp.config import ConfigError, tracking_uri
+from fp8exp.train import StepCallback
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "checkpoints"
+FILE_NAME = "last.npz"
+ARTIFACT = f"{ARTIFACT_DIR}/{FILE_NAME}"
+FORMAT = 1
+META = "__meta__"
+GROUPS = ("trainable", "non_trainable", "optimizer", "metrics")
+# Settings that do not change what is trained: they may differ between a run and its resumption.
+NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
+                "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
+                "data.cache_dir"}
+RESUMABLE = ("KILLED", "FAILED")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingState:
+    arrays: dict[str, np.ndarray]
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def group(self, name: str) -> list[np.ndarray]:
+        return [self.arrays[f"{name}/{i:05d}"] for i in range(len(self.meta["paths"][name]))]
+
+
+def _variables(model: keras.Model) -> dict[str, list]:
+    return {"trainable": model.trainable_variables, "non_trainable": model.non_trainable_variables,
+            "optimizer": model.optimizer.variables, "metrics": model.metrics_variables}
+
+
+def _plain(array: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """ml_dtypes arrays (bfloat16, float8) do not survive .npz: store their bits, and the dtype."""
+    if array.dtype.kind == "V" or array.dtype.name in ("bfloat16",) or array.dtype.name.startswith("float8"):
+        return array.view(np.dtype(f"uint{8 * array.dtype.itemsize}")), array.dtype.name
+    return array, None
+
+
+def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: str) -> TrainingState:
+    """The whole training state at optimizer step `step`. `model` must be synced (a callback's
+    `self.model` is)."""
+    arrays, paths, dtypes = {}, {}, {}
+    for name, variables in _variables(model).items():
+        paths[name] = [v.path for v in variables]
+        for index, variable in enumerate(variables):
+            key = f"{name}/{index:05d}"
+            arrays[key], dtype = _plain(np.asarray(keras.ops.convert_to_numpy(variable.value)))
+            if dtype:
+                dtypes[key] = dtype
+    numpy_rng = np.random.get_state()
+    arrays["rng/numpy"] = numpy_rng[1]
+    epoch, batch = divmod(step, steps_per_epoch)
+    meta = {
+        "format": FORMAT, "step": step, "epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch,
+        "config_hash": config_hash, "paths": paths, "dtypes": dtypes, "saved_at": time.time(),
+        "numpy_rng": [numpy_rng[0], *[float(x) if isinstance(x, float) else int(x) for x in numpy_rng[2:]]],
+        "python_rng": random.getstate(),
+        "versions": {"keras": keras.__version__},
+    }
+    return TrainingState(arrays, meta)
+
+
+def write(path: Path, state: TrainingState) -> None:
+    """Atomically replace `path`: a crash at any point leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    meta = np.frombuffer(json.dumps(state.meta).encode(), dtype=np.uint8)
+    with partial.open("wb") as handle:
+        np.savez(handle, **state.arrays, **{META: meta})
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read(path: Path) -> TrainingState:
+    """Load and fully verify (zip CRCs) a checkpoint; CheckpointError if it is damaged."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({error})") from None
+    if META not in arrays:
+        raise CheckpointError(f"checkpoint {path} has no metadata")
+    meta = json.loads(bytes(arrays.pop(META)).decode())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
+    for key, dtype in meta["dtypes"].items():
+        import ml_dtypes
+
+        arrays[key] = arrays[key].view(getattr(ml_dtypes, dtype))
+    return TrainingState(arrays, meta)
+
+
+def restore(model: keras.Model, state: TrainingState, metrics: bool) -> None:
+    """Assign the saved values (the model must be built, with its optimizer and metrics)."""
+    for name, variables in _variables(model).items():
+        if name == "metrics" and not metrics:
+            continue
+        saved = state.group(name)
+        if len(saved) != len(variables):
+            raise CheckpointError(f"checkpoint has {len(saved)} {name} variables, this model {len(variables)}: "
+                                  "was it written by a different model or precision?")
+        for variable, value, path in zip(variables, saved, state.meta["paths"][name]):
+            if tuple(variable.shape) != value.shape:
+                raise CheckpointError(f"checkpoint variable {path} has shape {value.shape}, this model's "
+                                      f"{variable.path} {tuple(variable.shape)}")
+            variable.assign(value)
+    kind, *rest = state.meta["numpy_rng"]
+    np.random.set_state((kind, state.arrays["rng/numpy"], *rest))
+    version, internal, gauss = state.meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class Restore(keras.callbacks.Callback):
+    """Puts a checkpoint's state into the model at the first epoch's start: Keras has built the
+    optimizer and metrics and reset the metrics by then, and on JAX reads the variables into the
+    compiled step's state right after this hook. The running metrics of a part-done epoch are
+    restored too, so that epoch's logged averages match an uninterrupted run."""
+
+    def __init__(self, state: TrainingState):
+        super().__init__()
+        self.state = state
+        self.done = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.done:
+            restore(self.model, self.state, metrics=self.state.meta["batch"] > 0)
+            self.done = True
+
+
+class Checkpointer(StepCallback):
+    """Saves every `every` steps and when a stop signal was received (then raises Interrupted).
+    A save that falls on an epoch's last step waits for the epoch's end, after validation and
+    logging, so a checkpoint is always either mid-epoch or at a clean epoch boundary.
+    `saved_steps` are reported to the step timer: reading the state there disturbs timing."""
+
+    def __init__(self, every: int | None, steps_per_epoch: int, total_steps: int, stop,
+                 save: Callable[[keras.Model, int], bool]):
+        super().__init__()
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.stop = stop
+        self.save = save
+        self.saved_steps: list[int] = []
+        self.last_saved: int | None = None
+        self._since = 0
+
+    def start_at(self, step: int) -> None:
+        self.step = self._since = step
+
+    def _due(self) -> bool:
+        return bool(self.every) and self.step // self.every > self._since // self.every
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.step % self.steps_per_epoch == 0:
+            return  # the epoch's last step: on_epoch_end decides
+        if self.stop.requested or self._due():
+            self._save()
+        self._stop_if_asked()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop.requested or (self._due() and self.step < self.total_steps):
+            self._save()
+        self._stop_if_asked()
+
+    def on_train_end(self, logs=None):
+        self.stop.deferring = False  # evaluation and reporting: a signal stops at once
+
+    def _save(self) -> None:
+        if self.save(self.model, self.step):
+            self.last_saved = self.step
+        self.saved_steps.append(self.step)
+        self._since = self.step
+
+    def _stop_if_asked(self) -> None:
+        from fp8exp.stopping import Interrupted
+
+        if self.stop.requested:
+            raise Interrupted(self.stop.signum, self.step,
+                              self.last_saved if self.last_saved == self.step else None)
+
+
+def comparable_params(cfg: DictConfig) -> dict[str, str]:
+    """The run's params (masked as logged) that must match for a resumption."""
+    from fp8exp import redact
+    from fp8exp.tracking import flatten
+
+    params = redact.flat(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    return {key: value for key, value in params.items() if key not in NOT_COMPARED}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(comparable_params(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Resume:
+    run_id: str
+    state: TrainingState
+    status: str
+
+
+def _checkpointed_candidates(client, cfg: DictConfig) -> list:
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.`fp8exp.config_hash` = '{config_hash(cfg)}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    return [run for run in runs if run.info.status in RESUMABLE and "checkpoint.step" in run.data.tags
+            and run.data.tags.get("failure.reason") != "non_finite"]
+
+
+def find_resume(cfg: DictConfig) -> Resume | None:
+    """The run and checkpoint `trainer.resume` / `trainer.resume_from` point at; None when
+    `resume=true` finds nothing to continue. ConfigError for a run that cannot be resumed."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    if cfg.trainer.resume_from:
+        key = "trainer.resume_from"
+        try:
+            run = client.get_run(cfg.trainer.resume_from)
+        except MlflowException:
+            raise ConfigError(key, f"no run {cfg.trainer.resume_from} in {tracking_uri(cfg)}") from None
+        if run.info.status == "FINISHED":
+            raise ConfigError(key, f"run {run.info.run_id} already FINISHED; nothing to resume")
+        current = comparable_params(cfg)
+        differing = [f"{k}={run.data.params[k]} (now {current[k]})" for k in sorted(current)
+                     if k in run.data.params and run.data.params[k] != current[k]]
+        if differing:
+            raise ConfigError(key, f"run {run.info.run_id} was started with different settings: "
+                              f"{', '.join(differing)}; resume with the same ones")
+    else:
+        key = "trainer.resume"
+        candidates = _checkpointed_candidates(client, cfg)
+        if not candidates:
+            log.info("trainer.resume: no KILLED or FAILED run of this config with a checkpoint in "
+                     "experiment '%s'; starting a new run", cfg.tracking.experiment)
+            return None
+        run = candidates[0]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="fp8exp-resume-") as tmp:
+        try:
+            path = Path(client.download_artifacts(run.info.run_id, ARTIFACT, tmp))
+        except (MlflowException, OSError) as error:
+            raise ConfigError(key, f"run {run.info.run_id} has no readable checkpoint ({ARTIFACT}): "
+                              f"{str(error).splitlines()[0]}") from None
+        try:
+            state = read(path)
+        except CheckpointError as error:
+            raise ConfigError(key, str(error)) from None
+    if state.meta["config_hash"] != config_hash(cfg) and not cfg.trainer.resume_from:
+        raise ConfigError(key, f"the checkpoint of run {run.info.run_id} was written by other settings")
+    log.info("Resuming MLflow run %s (%s) from its checkpoint at step %d (epoch %d, batch %d)",
+             run.info.run_id, run.info.status, state.step, state.meta["epoch"] + 1, state.meta["batch"])
+    return Resume(run.info.run_id, state, run.info.status)
+
+
+def store(run, state: TrainingState, staging: Path) -> bool:
+    """Write `state` as the run's checkpoint; False where the run keeps no files (tracking=none
+    outside a Hydra output dir)."""
+    local = run.local_artifact_dir()
+    if local is not None:
+        write(local / ARTIFACT, state)
+    elif run.run_id is not None:
+        path = staging / FILE_NAME
+        write(path, state)
+        run.log_artifact(path, ARTIFACT_DIR)
+    else:
+        return False
+    run.set_tags({"checkpoint.step": str(state.step), "checkpoint.epoch": str(state.meta["epoch"]),
+                  "checkpoint.batch": str(state.meta["batch"])})
+    log.info("Checkpoint of step %d written (%s)", state.step,
+             local / ARTIFACT if local is not None else f"{ARTIFACT} of run {run.run_id}")
+    return True
