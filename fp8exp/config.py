@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float8")
 FP8_SOURCE_POLICIES = ("mixed_bfloat16", "float32", "mixed_float16")
 TRACKERS = ("mlflow", "none")
+DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
 
 
 class ConfigError(ValueError):
@@ -181,12 +182,23 @@ class TrackingConfig:
 
 
 @dataclass
+class DistributionConfig:
+    name: str = "none"
+    """none | data_parallel | model_parallel (Keras distribution API over local devices)."""
+    devices: Optional[int] = None
+    """How many local devices to use; null = all."""
+    mesh_shape: Optional[list[int]] = None
+    """model_parallel only: [batch, model] device-mesh shape; null = [1, devices]."""
+
+
+@dataclass
 class Config:
     data: Any = MISSING
     model: ModelConfig = MISSING
     precision: PrecisionConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
 
 def register_configs() -> None:
@@ -268,6 +280,19 @@ def validate(cfg: DictConfig) -> None:
     if (cfg.trainer.resume or cfg.trainer.resume_from) and cfg.tracking.name == "none":
         key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
         raise ConfigError(key, "needs tracking=mlflow: checkpoints live in the MLflow run")
+
+    distribution = cfg.distribution
+    if distribution.name not in DISTRIBUTIONS:
+        raise ConfigError("distribution.name", f"unknown distribution {distribution.name!r}; "
+                          f"valid: {', '.join(DISTRIBUTIONS)}")
+    _positive(cfg, "distribution.devices", optional=True)
+    if distribution.mesh_shape is not None:
+        if distribution.name != "model_parallel":
+            raise ConfigError("distribution.mesh_shape", f"only applies to distribution=model_parallel, "
+                              f"not {distribution.name}; remove it")
+        if len(distribution.mesh_shape) != 2 or min(distribution.mesh_shape) < 1:
+            raise ConfigError("distribution.mesh_shape", f"got {list(distribution.mesh_shape)}, expected "
+                              "[batch, model] with positive sizes")
 
     if cfg.tracking.name not in TRACKERS:
         raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")

@@ -124,7 +124,7 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
     import keras
 
-    from fp8exp import checkpoint, stopping, tracking
+    from fp8exp import checkpoint, distribution, stopping, tracking
 
     context = context or LaunchContext()
     online = tracking.check_reachable(cfg)
@@ -136,7 +136,8 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     with stopping.GracefulStop() as stop:
         keras.utils.set_random_seed(cfg.trainer.seed)
         try:
-            return _run(cfg, context, resume, stop, online)
+            with distribution.scope(distribution.make(cfg.distribution)):
+                return _run(cfg, context, resume, stop, online)
         except stopping.Interrupted as interrupted:
             if interrupted.checkpoint_step is not None:
                 interrupted.resume_hint = ("; to continue, rerun the same command with trainer.resume=true "
@@ -149,10 +150,13 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
 
     import keras
 
-    from fp8exp import checkpoint, data, fp8, fp8_health, model, precision, stopping, tracking, train
+    from fp8exp import checkpoint, data, distribution, fp8, fp8_health, model, precision, stopping, tracking, train
 
     splits = data.load(cfg.data)
     name = run_name(cfg, context.swept)
+    strategy = keras.distribution.distribution()  # set by run_experiment from cfg.distribution
+    distribution.check_batch(strategy, cfg.trainer.batch_size)
+    splits = splits.divisible_by(distribution.batch_ways(strategy))
 
     net = precision.build(cfg.precision, lambda: model.build_classifier(
         cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))

@@ -4,6 +4,7 @@ knows where the text came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,17 @@ class Splits:
     @property
     def sequence_length(self) -> int:
         return self.x_train.shape[1]
+
+    def divisible_by(self, ways: int) -> "Splits":
+        """Each split cut to a multiple of `ways`, so every batch, the last one too, splits
+        evenly over the devices of a data-parallel batch axis."""
+        if ways == 1:
+            return self
+        cut = {name: len(getattr(self, name)) // ways * ways for name in ("y_train", "y_val", "y_test")}
+        return dataclasses.replace(
+            self, x_train=self.x_train[:cut["y_train"]], y_train=self.y_train[:cut["y_train"]],
+            x_val=self.x_val[:cut["y_val"]], y_val=self.y_val[:cut["y_val"]],
+            x_test=self.x_test[:cut["y_test"]], y_test=self.y_test[:cut["y_test"]])
 
     def metrics(self) -> dict[str, float]:
         """`data/` metrics: split sizes, examples per class in training, preparation notes."""
