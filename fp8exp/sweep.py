@@ -211,6 +211,11 @@ class SweepCallback(Callback):
         composed = validated_jobs(config, jobs) if jobs else []
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:  # claimed atomically: two sweeps started in the same second must not share children
+            (sweep_dir / SWEEP_FILE).open("x").close()
+        except FileExistsError:
+            raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds a sweep (another one started in "
+                              "the same second, or a rerun); pass hydra.sweep.dir=<a new directory>") from None
         self.jobs = len(jobs or [])
         self.sweep = Sweep(str(sweep_dir), None, varying_keys(jobs or []))
         self.tracking = composed[0] if composed and composed[0].tracking.name != "none" else None

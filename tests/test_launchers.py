@@ -29,3 +29,13 @@ def test_submitit_local_sweep_lands_children_under_one_parent(tmp_path):
     assert {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.launcher"] == "submitit_local"
     assert list((tmp_path / "multirun").glob("*/*/.submitit/*"))  # the jobs ran as submitit processes
+
+
+def test_a_second_sweep_into_the_same_directory_is_refused(tmp_path):
+    sweep_dir = tmp_path / "multirun" / "same"
+    (sweep_dir).mkdir(parents=True)
+    (sweep_dir / "fp8exp_sweep.json").write_text("{}")
+    sweep = run_sweep(tmp_path, f"hydra.sweep.dir={sweep_dir}", "precision=mixed_bfloat16,float8", *TINY)
+    assert sweep.returncode == 2
+    assert "hydra.sweep.dir: " in sweep.stderr and "already holds a sweep" in sweep.stderr
+    assert not (tmp_path / "mlflow.db").exists()
