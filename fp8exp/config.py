@@ -171,6 +171,10 @@ class TrackingConfig:
     """At each FP8 log point, measure saturation, underflow and SQNR on one fixed batch."""
     fp8_warn_fraction: float = 0.01
     """Warn when more than this share of a tensor saturates or flushes to zero."""
+    save_model: bool = True
+    """Save the trained model as the run's artifact `model/`: the `.keras` file, its vocabulary and an
+    MLflow pyfunc model that takes raw strings (for `python -m fp8exp.predict`, `python -m
+    fp8exp.infer_bench`, `mlflow models serve`). false for large sweeps: a model per run adds up."""
     required: bool = True
     """An http(s) tracking server unreachable at start is an error; false = train and log to
     `offline_uri` instead (deliver later with `python -m fp8exp.tracking_sync`)."""

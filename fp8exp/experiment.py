@@ -228,6 +228,10 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
         if cfg.precision.name == "float8":
             final.update(report_fp8(run, net, splits, cfg, fp8_logger))
         run.log_metrics(final, step=result.steps)
+        if cfg.tracking.get("save_model", True) and run.run_id:
+            from fp8exp import serving
+
+            serving.log_model(run, net, splits, cfg, staging)  # artifact model/: predict, infer_bench, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)

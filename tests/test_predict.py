@@ -1,0 +1,349 @@
+"""Saved models: every run keeps its model, it reloads bit for bit (FP8 scales included),
+`python -m fp8exp.predict` classifies texts from a file and stdin, bad input is one clear line, and
+`mlflow models serve` answers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fp8exp import predict, serving
+from fp8exp.config import PRECISIONS, validate
+from tests.conftest import ROOT, compose_config
+from tests.test_data import write_table
+
+EXPERIMENT = "inference-tests"
+TEXTS = ["a wonderful film with great acting, loved it", "an awful film with terrible acting, hated it"]
+LONG = " ".join(["a moving story"] * 12)  # 36 words: beyond the models' 16 tokens
+
+_cache: dict = {}
+
+
+def text_runs(store: Path) -> dict[str, str]:
+    """precision -> run id: a mixed_bfloat16 and a float8 run on a small table of reviews, each
+    saving its model (the default). Trained once per session; tests/test_infer_bench.py uses them too."""
+    if "runs" not in _cache:
+        from fp8exp.experiment import run_experiment
+
+        table = write_table(store / "inference_reviews.csv", rows=320, classes=("neg", "pos"))
+        runs = {}
+        for precision in ("mixed_bfloat16", "float8"):
+            cfg = compose_config(
+                "data=table", f"data.path={table}", "data.text_column=body", "data.label_column=sentiment",
+                f"data.cache_dir={store / 'cache'}", "data.vocabulary_size=200", "data.sequence_length=16",
+                f"precision={precision}", "trainer.epochs=2", f"tracking.uri={uri(store)}",
+                f"tracking.artifact_root={store / 'artifacts'}", f"tracking.experiment={EXPERIMENT}",
+                "tracking.fp8_probe=false")
+            validate(cfg)
+            runs[precision] = run_experiment(cfg).run_id
+        _cache["runs"] = runs
+    return _cache["runs"]
+
+
+def uri(store: Path) -> str:
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def model_dir(store: Path, run_id: str) -> Path:
+    return Path(MlflowClient(uri(store)).get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return text_runs(store)
+
+
+# ---------------------------------------------------------------- saving and reloading
+
+
+@pytest.mark.slow
+def test_every_run_saves_a_self_contained_model(store, runs):
+    client = MlflowClient(uri(store))
+    for precision, run_id in runs.items():
+        listed = {a.path for a in client.list_artifacts(run_id, "model/artifacts")}
+        assert listed == {f"model/artifacts/{name}" for name in ("model.keras", "fp8exp_model.json", "vocabulary.txt")}
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "model")}
+        meta = json.loads((model_dir(store, run_id) / "artifacts" / "fp8exp_model.json").read_text())
+        assert meta["precision"] == precision and meta["input"] == "text" and meta["run_id"] == run_id
+        assert meta["class_names"] == ["neg", "pos"] and meta["sequence_length"] == 16 and meta["lowercase"]
+        assert len(meta["quantized_layers"]) == (8 if precision == "float8" else 0)
+        # The run's vocabulary and the model's are the same file.
+        logged = client.download_artifacts(run_id, "vocabulary.txt", str(store / f"vocab-{precision}"))
+        assert Path(logged).read_text().split() == \
+            (model_dir(store, run_id) / "artifacts" / "vocabulary.txt").read_text().split()
+
+
+def test_the_large_sweep_does_not_save_models_and_runs_do_by_default():
+    assert compose_config().tracking.save_model is True
+    assert compose_config("+sweep=fp8_crossover").tracking.save_model is False
+
+
+def trained_model(precision: str):
+    """A tiny classifier of token ids under `precision`; float8 trains two steps so its scales move
+    (the first step only fills the amax history)."""
+    import keras
+
+    from fp8exp import model, precision as precision_lib, train
+
+    cfg = compose_config("data=synthetic", "data.sequence_length=16", "data.vocabulary_size=100",
+                         f"precision={precision}", "model.hidden_dim=16", "model.num_heads=2")
+    keras.utils.set_random_seed(0)
+    net = precision_lib.build(cfg.precision, lambda: model.build_classifier(cfg.model, 100, 16, 2))
+    if precision == "float8":
+        train.compile_model(net, precision_lib.optimizer(cfg.precision, 1e-3), model.loss_for(2), cfg.trainer)
+        rng = np.random.default_rng(0)
+        net.fit(rng.integers(0, 100, (64, 16)), rng.integers(0, 2, 64), batch_size=32, epochs=1, verbose=0)
+    return net
+
+
+def saved_state(net) -> dict[str, np.ndarray]:
+    return {v.path: np.asarray(v.value) for v in net.variables if "seed_generator" not in v.path}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, precision):
+    net = trained_model(precision)
+    meta = serving.describe(net, precision=precision, class_names=["a", "b"], sequence_length=16, lowercase=False,
+                            vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
+    serving.save_mlflow_model(tmp_path / "model", net, meta, None)
+    loaded = serving.TextClassifier.load(tmp_path / "model")
+
+    batch = np.random.default_rng(1).integers(0, 100, (8, 16)).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(loaded.model.predict_on_batch(batch)),
+                                  np.asarray(net.predict_on_batch(batch)))
+    before, after = saved_state(net), saved_state(loaded.model)
+    assert set(before) == set(after)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    scales = {path: value for path, value in after.items() if path.endswith("_scale")}
+    if precision == "float8":
+        assert len(scales) == 8 * 3 and any(float(v) != 1.0 for v in scales.values())
+        loaded.classify(["5 17 33", "1 2 3"])  # inference: training=False freezes the scales
+        assert all(np.array_equal(saved_state(loaded.model)[path], value) for path, value in scales.items())
+    else:
+        assert not scales
+
+
+@pytest.mark.slow
+def test_a_synthetic_model_takes_token_ids_and_says_so_otherwise(tmp_path):
+    net = trained_model("float32")
+    meta = serving.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+                            vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
+    serving.save_mlflow_model(tmp_path / "model", net, meta, None)
+    classifier = serving.TextClassifier.load(tmp_path / "model")
+    result = classifier.classify(["5 17 33", " ".join(["7"] * 20)])
+    assert result.truncated == 1 and set(result.labels) <= {"a", "b"}
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(serving.InputError, match="synthetic data and has no tokenizer: give token ids"):
+        classifier.classify(["a wonderful film"])
+    with pytest.raises(serving.InputError, match=r"token ids must be in \[0, 100\)"):
+        classifier.classify(["5 100"])
+
+
+# ---------------------------------------------------------------- python -m fp8exp.predict
+
+
+@pytest.mark.slow
+def test_predict_classifies_a_file_and_stdin(store, runs, server, tmp_path):
+    # `server` only starts `mlflow models serve` early: it boots while this runs.
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{TEXTS[0]}\n\n{LONG}\n")  # the blank line is skipped
+    result = subprocess.run(
+        [sys.executable, "-m", "fp8exp.predict", f"run_id={runs['float8']}", f"file={texts}", "file=-",
+         f"tracking_uri={uri(store)}"],
+        input=TEXTS[1] + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [line[2] for line in lines] == [TEXTS[0], predict.one_line(LONG), TEXTS[1]]
+    expected = serving.TextClassifier.load(model_dir(store, runs["float8"])).classify([TEXTS[0], LONG, TEXTS[1]])
+    assert [line[0] for line in lines] == expected.labels
+    assert [float(line[1]) for line in lines] == pytest.approx(list(expected.probability), abs=6e-5)
+    assert all(0.5 <= float(line[1]) <= 1.0 for line in lines)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("fp8exp.predict:")]
+    assert notes == ["fp8exp.predict: note: 1 of 3 inputs were longer than the model's 16 tokens and were truncated"]
+
+
+@pytest.mark.slow
+def test_predict_learned_the_reviews_and_tokenizes_as_training_did(store, runs):
+    from fp8exp.data import tokenize
+
+    classifier = serving.TextClassifier.load(model_dir(store, runs["float8"]))
+    np.testing.assert_array_equal(classifier.encode(TEXTS + [LONG]).ids,
+                                  tokenize.encode([t.lower() for t in TEXTS + [LONG]], classifier.vocabulary, 16))
+    for run_id in runs.values():
+        out = io.StringIO()
+        assert predict.main([f"run_id={run_id}", f"text={TEXTS[0]}", f"text={TEXTS[1]}", "format=jsonl",
+                             f"tracking_uri={uri(store)}"], out=out) == 0
+        rows = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [row["label"] for row in rows] == ["pos", "neg"]
+        assert all(set(row["probabilities"]) == {"neg", "pos"} for row in rows)
+
+
+def copy_run_with_model(store: Path, source_run: str, tmp_path: Path, damage) -> str:
+    """A new run holding a damaged copy of `source_run`'s model."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir(store, source_run), copy)
+    damage(copy / "artifacts")
+    client = MlflowClient(uri(store))
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    client.log_artifacts(run_id, str(copy), "model")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def truncate_model(files: Path) -> None:
+    data = (files / "model.keras").read_bytes()
+    (files / "model.keras").write_bytes(data[: len(data) // 2])
+
+
+def older_format(files: Path) -> None:
+    meta = json.loads((files / "fp8exp_model.json").read_text())
+    (files / "fp8exp_model.json").write_text(json.dumps({**meta, "format": 0, "fp8exp_version": "0.0.9"}))
+
+
+def garbage_in_keras_file(files: Path) -> None:
+    (files / "model.keras").write_bytes(b"not a zip archive at all")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,message", [
+    ("unknown run", "no run '0123456789abcdef0123456789abcdef' in the store at sqlite:///"),
+    ("no model", "has no saved model (it ran with tracking.save_model=false"),
+    ("empty file", "has no text to classify (empty)"),
+    ("empty stdin", "stdin has no text to classify (empty)"),
+    ("truncated file", "model/artifacts/model.keras is corrupt"),
+    ("not a zip", "model/artifacts/model.keras is corrupt"),
+    ("older format", "the model was saved by fp8exp 0.0.9 in model format 0; this fp8exp reads format 1"),
+])
+def test_predict_bad_input_is_one_line_and_exit_2(store, runs, tmp_path, capsys, case, message):
+    run_id, args, stdin = runs["float8"], [], io.StringIO("")
+    client = MlflowClient(uri(store))
+    if case == "unknown run":
+        run_id = "0123456789abcdef0123456789abcdef"
+    elif case == "no model":
+        run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+        client.set_terminated(run_id)
+    elif case == "empty file":
+        (tmp_path / "empty.txt").write_text("\n \n")
+        args = [f"file={tmp_path / 'empty.txt'}"]
+    elif case == "truncated file":
+        run_id = copy_run_with_model(store, runs["float8"], tmp_path, truncate_model)
+    elif case == "not a zip":
+        run_id = copy_run_with_model(store, runs["float8"], tmp_path, garbage_in_keras_file)
+    elif case == "older format":
+        run_id = copy_run_with_model(store, runs["float8"], tmp_path, older_format)
+    if not args and case != "empty stdin":
+        args = ["text=a wonderful film"]
+    code = predict.main([f"run_id={run_id}", *args, f"tracking_uri={uri(store)}"], stdin=stdin, out=io.StringIO())
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("fp8exp.predict: error: ") and "\n" not in err and message in err, err
+
+
+def test_help_and_argument_errors_are_fast_and_import_no_keras():
+    code = ("import io, sys; from fp8exp import predict;"
+            "assert predict.main(['--help']) == 0;"
+            "assert predict.main(['text=hello']) == 2;"
+            "assert predict.main(['run_id=x', 'colour=red']) == 2;"
+            "heavy = [m for m in ('keras', 'jax', 'mlflow', 'tensorflow') if m in sys.modules];"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "python -m fp8exp.predict run_id=RUN_ID" in result.stdout
+    assert result.stderr.splitlines() == [
+        "fp8exp.predict: error: run_id is required: the MLflow run whose model to use (fp8exp prints it after each run)",
+        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, text, file, tracking_uri, format"]
+
+
+# ---------------------------------------------------------------- mlflow models serve
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mlflow models serve` of the float8 run's model on a free 127.0.0.1 port."""
+
+    def __init__(self, store: Path, run_id: str, log: Path):
+        self.base = f"http://127.0.0.1:{free_port()}"
+        self.log = log
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri(store),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
+                 "--env-manager", "local", "--host", "127.0.0.1", "--port", self.base.rsplit(":", 1)[1]],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.base}/ping", timeout=2).close()
+                return self.base
+            except (urllib.error.URLError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow models serve did not come up:\n" + self.log.read_text()[-3000:])
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(store, runs, tmp_path_factory):
+    """Started when first asked for and left to boot (imports, model load: seconds) while other
+    tests run; stopped when the module's tests are done."""
+    started = Server(store, runs["float8"], tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def invoke(base: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_served_model_answers_a_request_on_localhost(store, runs, server):
+    served = server.wait_ready()
+    status, answer = invoke(served, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
+    assert status == 200, answer
+    predictions = answer["predictions"]
+    expected = serving.TextClassifier.load(model_dir(store, runs["float8"])).classify(TEXTS)
+    assert [p["label"] for p in predictions] == expected.labels == ["pos", "neg"]
+    assert [p["probability"] for p in predictions] == pytest.approx(list(expected.probability), abs=1e-6)
+    status, answer = invoke(served, {"dataframe_records": [{"comment": "no text column"}]})
+    assert status == 400 and "text" in answer["message"]
