@@ -8,10 +8,10 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench ui lock clean
+.PHONY: help install run test report bench bench-infer ui lock clean
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ report: $(STAMP) ## Compare the latest sweep (table, plots, logged on its parent
 
 bench: $(STAMP) ## Run the benchmarks on this machine and rewrite docs/benchmarks.md (~15 min on 2 cores)
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-infer: $(STAMP) ## Inference latency and FP8 vs INT8 post-training accuracy of the latest sweep's models; ARGS="run_id=..."
+	$(PY) -m fp8exp.infer_bench $(ARGS)
 
 ui: $(STAMP) ## Open the MLflow UI on the default store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)

@@ -444,8 +444,12 @@ def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
     lines += [f"> {n}" for n in notes]
     lines += ["", "Accuracy is the test split's, mean ± sd over seeds; Δ is in percentage points, paired by seed "
               "where both precisions ran the same seeds (t-based 95% interval). Step time is the median over seeds "
-              "of each run's median step; speedup = baseline step time / this step time.", "",
-              "![accuracy](accuracy.png)", "", "![step time](step_time.png)", ""]
+              "of each run's median step; speedup = baseline step time / this step time.", ""]
+    from fp8exp import infer_bench
+
+    if infer_bench.has_inference(rows):  # python -m fp8exp.infer_bench ran on this sweep
+        lines += ["## Inference", "", infer_bench.inference_table(rows), "", f"> {infer_bench.NOTE}", ""]
+    lines += ["![accuracy](accuracy.png)", "", "![step time](step_time.png)", ""]
     lines += [f"![{p.stem}]({p.name})" for p in scale_plots]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
