@@ -198,7 +198,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             callbacks.append(tracking.EpochLogger(run))
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
-                probe = fp8_health.Probe(net, splits.x_val[:cfg.trainer.batch_size]) if cfg.tracking.fp8_probe else None
+                probe_batch = slice(0, cfg.trainer.batch_size)
+                probe = fp8_health.Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch]) \
+                    if cfg.tracking.fp8_probe else None
 
                 def fp8_sink(metrics, step):
                     run.log_metrics(metrics, step)

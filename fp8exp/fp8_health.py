@@ -43,50 +43,73 @@ class Capture:
 
 class Probe:
     """Runs the model on one fixed batch (inference mode: scales stay frozen) and records each
-    quantized layer's input as the layer itself sees it. The forward pass is compiled once,
-    with the variables as arguments, so a probe costs one forward pass, not an eager walk."""
+    quantized layer's input as the layer itself sees it and, given labels, the gradient of the
+    loss at its output (what the layer's backward pass quantizes to E5M2). The pass is compiled
+    once, with the variables as arguments, so a probe costs one forward and backward pass."""
 
-    def __init__(self, model: keras.Model, batch: np.ndarray):
+    def __init__(self, model: keras.Model, batch: np.ndarray, labels: np.ndarray | None = None):
         self.model = model
         self.batch = batch
+        self.labels = labels
         self.captures: dict[str, Capture] = {}
+        self.output_grads: dict[str, np.ndarray] = {}
         self.sizes: dict[str, int] = {}
         """Elements per measured `<layer>/<tensor>`, so a share can be told from one element."""
-        self._forward = None
-        self._output_shapes: dict[str, tuple[int, ...]] = {}
+        self._compiled = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
-    def _capturing_forward(self, trainable, non_trainable, batch):
+    def _pass(self, taps, trainable, non_trainable, batch, labels):
+        """Forward with every quantized layer's output shifted by its zero `tap`: the gradient
+        with respect to a tap is the gradient at that layer's output."""
         paths = {entry.layer for entry in scale_variables(self.model)}
         layers = [layer for layer in self.model._flatten_layers(include_self=False) if layer.path in paths]
         inputs: dict = {}
         for layer in layers:
             def capturing(x, *args, _layer=layer, **kwargs):
-                outputs = type(_layer).quantized_call(_layer, x, *args, **kwargs)
+                # Tap before the activation: Keras quantizes the gradient at the matmul's output.
+                activation, _layer.activation = _layer.activation, None
+                try:
+                    outputs = type(_layer).quantized_call(_layer, x, *args, **kwargs)
+                finally:
+                    _layer.activation = activation
                 inputs[_layer.path] = x
-                self._output_shapes[_layer.path] = tuple(outputs.shape)
-                return outputs
+                self._shapes[_layer.path] = tuple(outputs.shape)  # static while tracing
+                if taps:
+                    outputs = outputs + taps[_layer.path].astype(outputs.dtype)
+                return activation(outputs) if activation is not None else outputs
 
             layer.quantized_call = capturing  # an instance attribute shadows the method
         try:
-            self.model.stateless_call(trainable, non_trainable, batch, training=False)
+            predictions, _ = self.model.stateless_call(trainable, non_trainable, batch, training=False)
         finally:
             for layer in layers:
                 del layer.quantized_call
-        return inputs
+        loss = 0.0
+        if labels is not None:
+            loss_fn = (keras.losses.BinaryCrossentropy() if predictions.shape[-1] == 1
+                       else keras.losses.SparseCategoricalCrossentropy())
+            loss = loss_fn(labels, keras.ops.cast(predictions, "float32"))
+        return loss, inputs
 
     def run(self) -> dict[str, Capture]:
         import jax
 
-        if self._forward is None:
-            self._forward = jax.jit(self._capturing_forward)
-        inputs = self._forward([v.value for v in self.model.trainable_variables],
-                               [v.value for v in self.model.non_trainable_variables], self.batch)
-        self.captures = {path: Capture(np.asarray(x, np.float32), self._output_shapes[path])
-                         for path, x in inputs.items()}
+        variables = ([v.value for v in self.model.trainable_variables],
+                     [v.value for v in self.model.non_trainable_variables])
+        if self._compiled is None:
+            jax.eval_shape(lambda *a: self._pass({}, *a), *variables, self.batch, self.labels)  # fills _shapes
+            self._taps = {path: np.zeros(shape, np.float32) for path, shape in self._shapes.items()}
+            self._compiled = jax.jit(jax.grad(self._pass, has_aux=True)) if self.labels is not None else \
+                jax.jit(lambda taps, *a: (taps, self._pass(taps, *a)[1]))
+        grads, inputs = self._compiled(self._taps, *variables, self.batch, self.labels)
+        self.captures = {path: Capture(np.asarray(x, np.float32), self._shapes[path]) for path, x in inputs.items()}
+        self.output_grads = {path: np.asarray(g, np.float32) for path, g in grads.items()} \
+            if self.labels is not None else {}
         return self.captures
 
     def metrics(self) -> dict[str, float]:
-        """`fp8/<layer>/{inputs,kernel}_{saturation,underflow,sqnr_db}` for the current state."""
+        """`fp8/<layer>/<tensor>_{saturation,underflow,sqnr_db}` for the current state: inputs,
+        kernel and, with labels, outputs_grad."""
         captures = self.run()
         by_path = {layer.path: layer for layer in self.model._flatten_layers(include_self=False)}
         metrics = {}
@@ -95,8 +118,10 @@ class Probe:
                 values = captures[entry.layer].inputs
             elif entry.tensor == "kernel":
                 values = keras.ops.convert_to_numpy(by_path[entry.layer].kernel)
+            elif entry.layer in self.output_grads:
+                values = self.output_grads[entry.layer]
             else:
-                continue  # output gradients need a backward pass; their amax is logged instead
+                continue
             stats = quantization_stats(values, float(keras.ops.convert_to_numpy(entry.scale.value)),
                                        FORMATS[entry.tensor])
             self.sizes[f"{entry.layer}/{entry.tensor}"] = int(np.size(values))

@@ -88,7 +88,8 @@ def test_float8_run_records_gemm_verdict_health_and_layer_table(runs):
     assert health == {"fp8.health": "ok"}  # a healthy run stays silent
     assert run.data.metrics["perf/fp8_probe_s"] > 0
     for layer in EXPECTED_TINY_FP8_LAYERS:
-        for name in ("inputs_saturation", "inputs_underflow", "inputs_sqnr_db", "kernel_sqnr_db"):
+        for name in ("inputs_saturation", "inputs_underflow", "inputs_sqnr_db", "kernel_sqnr_db",
+                     "outputs_grad_saturation", "outputs_grad_sqnr_db"):
             assert f"fp8/{layer}/{name}" in run.data.metrics
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "fp8")]
     assert sorted(artifacts) == ["fp8/layers.md", "fp8/train_step_hlo.txt"]

@@ -88,6 +88,17 @@ def test_probe_measures_a_layer_with_known_kernel_and_scale():
     assert probe.captures["head"].inputs.shape == (2, 32)
 
 
+def test_probe_measures_output_gradients_given_labels(trained_fp8):
+    net, x, y = trained_fp8
+    probe = fp8_health.Probe(net, x, y)
+    metrics = probe.metrics()
+    for layer in EXPECTED_TINY_FP8_LAYERS:
+        assert f"fp8/{layer}/outputs_grad_sqnr_db" in metrics
+    assert probe.output_grads["head"].shape == (8, 1)
+    assert np.any(probe.output_grads["head"])  # a real backward pass reached the head
+    assert not any("outputs_grad" in k for k in fp8_health.Probe(net, x).metrics())
+
+
 def test_health_is_silent_on_a_trained_model_and_fires_on_broken_ones(trained_fp8):
     net, x, _ = trained_fp8
     probe = fp8_health.Probe(net, x)
