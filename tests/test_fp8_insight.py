@@ -2,14 +2,12 @@
 numbers match hand computation and theory, health warnings fire when they should, and the
 layer filters quantize exactly what they say."""
 
-import math
 
-import keras
 import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8exp import fp8, fp8_gemm, fp8_health, model, precision
+from fp8exp import fp8, fp8_gemm, fp8_health, precision
 from fp8exp.config import ConfigError, validate
 from tests.conftest import compose_config
 from tests.test_precision import EXPECTED_TINY_FP8_LAYERS, built

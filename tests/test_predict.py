@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from fp8exp import predict, serving
 from fp8exp.config import PRECISIONS, validate
 from tests.conftest import ROOT, compose_config
+from tests.servers import model_server
 from tests.test_data import write_table
 
 EXPERIMENT = "inference-tests"
@@ -274,52 +271,12 @@ def test_help_and_argument_errors_are_fast_and_import_no_keras():
 # ---------------------------------------------------------------- mlflow models serve
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`mlflow models serve` of the float8 run's model on a free 127.0.0.1 port."""
-
-    def __init__(self, store: Path, run_id: str, log: Path):
-        self.base = f"http://127.0.0.1:{free_port()}"
-        self.log = log
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri(store),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-                 "--env-manager", "local", "--host", "127.0.0.1", "--port", self.base.rsplit(":", 1)[1]],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.base}/ping", timeout=2).close()
-                return self.base
-            except (urllib.error.URLError, OSError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow models serve did not come up:\n" + self.log.read_text()[-3000:])
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(store, runs, tmp_path_factory):
     """Started when first asked for and left to boot (imports, model load: seconds) while other
     tests run; stopped when the module's tests are done."""
-    started = Server(store, runs["float8"], tmp_path_factory.mktemp("serve") / "serve.log")
+    started = model_server(uri(store), f"runs:/{runs['float8']}/model",
+                           tmp_path_factory.mktemp("serve") / "serve.log").start(wait=False)
     try:
         yield started
     finally:
@@ -338,7 +295,7 @@ def invoke(base: str, body: dict) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_served_model_answers_a_request_on_localhost(store, runs, server):
-    served = server.wait_ready()
+    served = server.wait_ready().url
     status, answer = invoke(served, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
     assert status == 200, answer
     predictions = answer["predictions"]

@@ -9,11 +9,9 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from unittest import mock
 
@@ -25,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from fp8exp import checkpoint, redact, stopping, tracking_sync, train
 from fp8exp.config import ConfigError, validate
 from fp8exp.experiment import LaunchContext, run_experiment
-from tests.conftest import FAST, ROOT, compose_config, run_cli, tracked
+from tests.conftest import FAST, ROOT, compose_config, tracked
+from tests.servers import free_port, tracking_server
 
 EPOCH_METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]
 TINY_SWEEP = [*FAST, "trainer.epochs=1", "trainer.steps_per_epoch=4", "trainer.eval_steps=1",
@@ -297,62 +296,11 @@ def test_resume_needs_a_matching_unfinished_run(tmp_path):
 
 # --- tracking outages: a real `mlflow server` ----------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on 127.0.0.1 that a test can stop and start again (same port and store)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.process: subprocess.Popen | None = None
-        MlflowClient(f"sqlite:///{root / 'server.db'}").search_experiments()  # create the schema here, once
-
-    def start(self) -> None:
-        port = self.url.rsplit(":", 1)[1]
-        command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port,
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                   "--artifacts-destination", str(self.root / "server-artifacts")]
-        log = (self.root / "server.log").open("a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.25)
-        raise TimeoutError(f"mlflow server at {self.url} not healthy")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def ensure_up(self) -> "Server":
-        if self.process is None or self.process.poll() is not None:
-            self.start()
-        return self
-
-    @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.url)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Server(tmp_path_factory.mktemp("mlflow_server"))
+    root = tmp_path_factory.mktemp("mlflow_server")
+    MlflowClient(f"sqlite:///{root / 'server.db'}").search_experiments()  # create the schema here, once
+    running = tracking_server(root / "server.db", root / "server-artifacts", root / "server.log")
     try:
         yield running.ensure_up()
     finally:
@@ -397,7 +345,7 @@ def test_a_server_restarted_mid_run_receives_everything(tmp_path, monkeypatch, s
     outcome = run_experiment(remote(tmp_path, server.url))
     assert "was unreachable for part of the run" in outcome.note and "everything was delivered" in outcome.note
     assert outcome.note in capsys.readouterr().out
-    assert_complete(server.client, outcome.run_id)
+    assert_complete(MlflowClient(server.url), outcome.run_id)
     assert not (tmp_path / "offline.db").exists()
 
 
@@ -423,12 +371,12 @@ def test_a_server_gone_at_the_end_leaves_a_complete_offline_copy_that_syncs(tmp_
 
     server.start()
     assert tracking_sync.main(["--from", offline, "--to", server.url]) == 0
-    assert_complete(server.client, outcome.run_id)  # topped up: the same run id, nothing twice
-    [early] = server.client.search_runs([server.client.get_experiment_by_name("fp8exp").experiment_id],
+    assert_complete(MlflowClient(server.url), outcome.run_id)  # topped up: the same run id, nothing twice
+    [early] = MlflowClient(server.url).search_runs([MlflowClient(server.url).get_experiment_by_name("fp8exp").experiment_id],
                                         "attributes.run_name = 'early'")
-    assert_complete(server.client, early.info.run_id)
+    assert_complete(MlflowClient(server.url), early.info.run_id)
     assert tracking_sync.main(["--from", offline, "--to", server.url]) == 0  # nothing left, nothing resent
-    assert_complete(server.client, outcome.run_id)
+    assert_complete(MlflowClient(server.url), outcome.run_id)
 
 
 # --- concurrency --------------------------------------------------------------------------------
@@ -451,7 +399,7 @@ def test_two_parallel_sweeps_at_once_on_one_server_keep_their_children_apart(tmp
     for width, process in sweeps.items():
         assert process.returncode == 0, results[width][1][-3000:]
 
-    client = server.client
+    client = MlflowClient(server.url)
     experiment = client.get_experiment_by_name("concurrent").experiment_id
     runs = client.search_runs([experiment])
     parents = [r for r in runs if "sweep.jobs" in r.data.tags]

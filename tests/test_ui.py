@@ -5,19 +5,12 @@ their parent, and the compare page loads for two runs. Screenshots go to test-ar
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.servers import tracking_server
 from tests.test_sweep import NAMES, basic_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,44 +26,17 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     """`mlflow server` on the basic sweep's store (as `make ui` serves the default store)."""
     sweep = basic_sweep(tmp_path_factory)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    url = f"http://127.0.0.1:{free_port()}"
-    log = (sweep.cwd / "mlflow-server.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{sweep.cwd / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-        cwd=sweep.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+    server = tracking_server(sweep.cwd / "mlflow.db", sweep.cwd / "mlartifacts", sweep.cwd / "mlflow-server.log",
+                             cwd=sweep.cwd)
     try:
-        wait_healthy(url, server)
-        yield url, sweep
+        yield server.start().url, sweep
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
-        server.wait(timeout=30)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
