@@ -3,6 +3,7 @@ and the size sweep need only JAX, Keras and keras-hub (never TensorFlow)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_si
 def machine() -> str:
     devices = jax.devices()
     versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("keras", "keras-hub", "jax"))
-    return (f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
+    return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
             f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}; Python {platform.python_version()}; "
             f"{versions}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
 

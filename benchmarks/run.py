@@ -215,6 +215,15 @@ SECTIONS = {"overhead": ("Framework overhead", framework_overhead),
             "sizes": ("Step time across sizes (CPU)", sizes)}
 
 
+def _sections(text: str) -> dict[str, str]:
+    """`## Title` -> body, from an earlier benchmarks.md."""
+    sections = {}
+    for chunk in text.split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n\n")
+        sections[title.strip()] = body
+    return sections
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -224,15 +233,20 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     from benchmarks.common import machine
 
-    parts = [f"# Benchmarks\n\nMachine: {machine()}.\nCommand: `{' '.join(['python -m benchmarks.run', *(argv or sys.argv[1:])])}`"
-             f"{' (quick: tiny sizes, not results)' if args.quick else ''}.\n"]
+    command = " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])])
+    # Sections not run this time keep what an earlier run measured (with that run's header).
+    sections = _sections(args.out.read_text()) if args.only and args.out.is_file() else {}
     for key in args.only or SECTIONS:
         title, section = SECTIONS[key]
         print(f"== {title}", flush=True)
-        parts.append(f"## {title}\n\n{section(args.quick)}")
+        sections[title] = f"{section(args.quick)}\nMeasured on {machine()}; `{command}`.\n"
     gpu = ROOT / "docs" / "benchmarks-gpu.md"
-    parts.append("## GPU kit\n\n" + (gpu.read_text() if gpu.is_file() else
-                 "Not run yet: no FP8 GPU was available. See `benchmarks/gpu_kit.py` and the README.\n"))
+    sections["GPU kit"] = gpu.read_text() if gpu.is_file() else \
+        "Not run yet: no FP8 GPU was available. See `benchmarks/gpu_kit.py` and the README.\n"
+    order = [title for title, _ in SECTIONS.values()] + ["GPU kit"]
+    quick = " Quick mode: tiny sizes, not results.\n" if args.quick else ""
+    parts = [f"# Benchmarks\n\nWritten by `make bench` (`python -m benchmarks.run`).{quick}\n"]
+    parts += [f"## {title}\n\n{sections[title]}" for title in order if title in sections]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
