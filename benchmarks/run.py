@@ -92,8 +92,10 @@ def framework_overhead(quick: bool) -> str:
             + markdown_table(["rep", "fp8exp median ms/step", "plain Keras median ms/step", "ratio",
                               "probe time / training time"], rows)
             + f"\n\n**Median ratio {ratio:.3f}** (goal: at most 1.03). The probe runs at the FP8 log points, "
-              "which the step statistics leave out; its share of training time is the last column and is "
-              "logged per run as `perf/fp8_probe_s`.\n")
+              "which the step statistics leave out; its time (last column, logged per run as "
+              "`perf/fp8_probe_s`) is almost all the one-time compilation of its forward and backward pass: "
+              "after that a probe costs about one training step. On a run this short that compilation is a "
+              "large share; `tracking.fp8_probe=false` turns the probe off.\n")
 
 
 def honest_step_time(quick: bool) -> str:
