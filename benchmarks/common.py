@@ -26,8 +26,6 @@ class Timing:
     hidden_dim: int
     sequence_length: int
     median_ms: float
-    p90_ms: float
-    examples_per_s: float
     gemm: str
     fp8_matmuls: int
     fused: int
@@ -72,8 +70,7 @@ def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_si
     median = float(np.median(times))
     report = fp8_gemm.inspect_train_step(net, x[:batch_size], y[:batch_size]) \
         if check_gemm and precision_name == "float8" else None
-    return Timing(precision_name, hidden_dim, sequence_length, median * 1e3, float(np.percentile(times, 90)) * 1e3,
-                  batch_size / median, report.verdict if report else "-",
+    return Timing(precision_name, hidden_dim, sequence_length, median * 1e3, report.verdict if report else "-",
                   report.fp8_matmuls if report else 0, report.fused if report else 0)
 
 

@@ -42,7 +42,6 @@ FILE_NAME = "last.npz"
 ARTIFACT = f"{ARTIFACT_DIR}/{FILE_NAME}"
 FORMAT = 1
 META = "__meta__"
-GROUPS = ("trainable", "non_trainable", "optimizer", "metrics")
 # Settings that do not change what is trained: they may differ between a run and its resumption.
 NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
                 "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",

@@ -41,10 +41,6 @@ def state_size(model: keras.Model) -> int:
     return sum(int(np.prod(e.scale.shape)) + int(np.prod(e.amax_history.shape)) for e in scale_variables(model))
 
 
-def quantized_layer_paths(model: keras.Model) -> list[str]:
-    return list(dict.fromkeys(entry.layer for entry in scale_variables(model)))
-
-
 def state_metrics(entries: list[ScaleVariables]) -> dict[str, float]:
     """`fp8/<layer>/<tensor>_scale` and `..._amax` (the max over the amax history window)."""
     metrics = {}

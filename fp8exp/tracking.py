@@ -28,8 +28,6 @@ from fp8exp.config import ConfigError, artifact_root, offline_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
-# Keras history keys -> the metric prefixes the MLflow UI groups charts by.
-SPLIT_PREFIX = {"val_": "val/"}
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 PARAM_LIMIT = 100  # ... and at most 100 params
 # While a run is open, a failed HTTP call returns at once (and is queued) instead of retrying with
@@ -41,11 +39,9 @@ CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE
 KILLED_RETRY_S = 5.0  # after SIGTERM the scheduler's grace period is short
 
 
-def metric_key(keras_key: str, default_prefix: str = "train/") -> str:
-    for keras_prefix, prefix in SPLIT_PREFIX.items():
-        if keras_key.startswith(keras_prefix):
-            return prefix + keras_key[len(keras_prefix):]
-    return default_prefix + keras_key
+def metric_key(keras_key: str) -> str:
+    """Keras epoch-log keys -> the prefixes the MLflow UI groups charts by: `val_loss` -> `val/loss`."""
+    return "val/" + keras_key[len("val_"):] if keras_key.startswith("val_") else "train/" + keras_key
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -159,8 +155,7 @@ class MlflowRun(NullRun):
         self.artifact_uri = artifact_uri
         self._metrics: list = []
         self._queue: list[tuple[str, Callable[[], None]]] = []
-        self._outage_since: float | None = None
-        self.outage_s = 0.0
+        self._in_outage = False
         self.failed_calls = 0
 
     # -- what training logs ---------------------------------------------------------------
@@ -238,15 +233,14 @@ class MlflowRun(NullRun):
                     self._queue.pop(0)
                     raise
                 self.failed_calls += 1
-                if self._outage_since is None:
-                    self._outage_since = time.monotonic()
+                if not self._in_outage:
+                    self._in_outage = True
                     log.warning("Tracking store %s unreachable (%s); keeping this run's data and retrying",
                                 self.uri, str(error).splitlines()[0][:200])
                 return False
             self._queue.pop(0)
-        if self._outage_since is not None:
-            self.outage_s += time.monotonic() - self._outage_since
-            self._outage_since = None
+        if self._in_outage:
+            self._in_outage = False
             log.warning("Tracking store %s is back; everything buffered was delivered", self.uri)
         return True
 

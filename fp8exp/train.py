@@ -65,7 +65,6 @@ class StepTimer(StepCallback):
 
 @dataclass
 class TrainResult:
-    history: dict[str, list[float]]
     test: dict[str, float]
     timer: StepTimer
 
@@ -131,12 +130,11 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
         if isinstance(callback, StepCallback):
             callback.step = start_step
     first_epoch, done_in_first = divmod(start_step, steps)
-    history = None
     for epoch in range(first_epoch, trainer.epochs):
         order = epoch_order(len(splits.y_train), trainer, epoch)
         if epoch == first_epoch:
             order = order[done_in_first * trainer.batch_size:]
-        history = model.fit(
+        model.fit(
             splits.x_train[order], splits.y_train[order],
             validation_data=(splits.x_val, splits.y_val),
             batch_size=trainer.batch_size,
@@ -151,7 +149,6 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
     test = model.evaluate(splits.x_test, splits.y_test, batch_size=trainer.batch_size,
                           steps=trainer.eval_steps, return_dict=True, verbose=0)
     return TrainResult(
-        history={key: [float(v) for v in values] for key, values in (history.history if history else {}).items()},
         test={key: float(value) for key, value in test.items()},
         timer=timer,
     )

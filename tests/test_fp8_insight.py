@@ -135,7 +135,7 @@ def test_layer_table_shows_what_fp8_covers(trained_fp8):
 ])
 def test_filters_quantize_exactly_what_they_say(overrides, expected):
     _, net = built("precision=float8", *overrides)
-    assert set(fp8.quantized_layer_paths(net)) == expected
+    assert {entry.layer for entry in fp8.scale_variables(net)} == expected
     policies = {layer.path: layer.dtype_policy.name for layer in precision.quantizable_layers(net)}
     assert {p for p, name in policies.items() if name.startswith("float8")} == expected
     assert {name for p, name in policies.items() if p not in expected} <= {"mixed_bfloat16"}

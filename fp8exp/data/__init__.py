@@ -5,6 +5,7 @@ knows where the text came from."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +73,12 @@ def load(data: DictConfig) -> Splits:
 
     if data.name == "table":
         path = Path(data.path).expanduser()
-        read, identity = (lambda: sources.read_table(path, data)), (
-            lambda: sources.file_identity(path) if path.is_file() else None)
+        read = functools.partial(sources.read_table, path, data)
+        source_id = sources.file_identity(path) if path.is_file() else None
     else:
         root = imdb.dataset_dir(data) if data.name == "imdb" else Path(data.path).expanduser()
-        read, identity = (lambda: sources.read_text_dir(root, data)), (
-            lambda: sources.directory_identity(root) if root.is_dir() else None)
-    source_id = identity()
+        read = functools.partial(sources.read_text_dir, root, data)
+        source_id = sources.directory_identity(root) if root.is_dir() else None
     if source_id is None:
         return read_and_prepare(read, data)  # raises the reader's clear error about the path
 
