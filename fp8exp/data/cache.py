@@ -16,7 +16,7 @@ import numpy as np
 
 from fp8exp.config import ConfigError
 
-FORMAT_VERSION = 1  # bump when what is stored, or how text is tokenized, changes
+FORMAT_VERSION = 2  # bump when what is stored, or how text is tokenized, changes
 ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
