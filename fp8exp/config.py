@@ -169,6 +169,9 @@ class TrackingConfig:
     """Log FP8 scale/amax state every N optimizer steps (and at the end)."""
     fp8_probe: bool = True
     """At each FP8 log point, measure saturation, underflow and SQNR on one fixed batch."""
+    fp8_gemm_check: bool = True
+    """After training, compile one training step again to count the matmuls that really run in FP8
+    (tag fp8.gemm). Costs one compilation (perf/fp8_gemm_check_s); false skips it."""
     fp8_warn_fraction: float = 0.01
     """Warn when more than this share of a tensor saturates or flushes to zero."""
     save_model: bool = True

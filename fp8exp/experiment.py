@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -243,17 +244,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
 def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
     """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
     (scales, histories, probe), and which layers it covers. Returns metrics to log."""
-    from fp8exp import fp8_gemm, fp8_health
+    from fp8exp import fp8_health
 
-    batch = slice(0, cfg.trainer.batch_size)
-    gemm = fp8_gemm.inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
-    run.set_tags({"fp8.gemm": gemm.verdict})
-    run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
-    if gemm.verdict != "fused":
-        log.warning("FP8 is %s on this device: %d of %d FP8 matmuls run as FP8 GEMMs, the rest are "
-                    "quantize-dequantize in the compute dtype; compare accuracy here, not step time",
-                    gemm.verdict, gemm.fused, gemm.fp8_matmuls)
-    metrics = gemm.metrics()
+    metrics = report_fp8_gemm(run, net, splits, cfg) if cfg.tracking.fp8_gemm_check else {}
     if logger is not None and logger.probe is not None:
         health = fp8_health.check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction,
                                          logger.probe.sizes)
@@ -263,6 +256,22 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
         run.log_text(fp8_health.layer_table(net, logger.probe.captures), "fp8/layers.md")
         metrics["perf/fp8_probe_s"] = logger.probe_seconds
     return metrics
+
+
+def report_fp8_gemm(run, net, splits, cfg: DictConfig) -> dict[str, float]:
+    """Tag fp8.gemm, log the compiled step's HLO, and say so when FP8 is only emulated."""
+    from fp8exp import fp8_gemm
+
+    started = time.perf_counter()
+    batch = slice(0, cfg.trainer.batch_size)
+    gemm = fp8_gemm.inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
+    run.set_tags({"fp8.gemm": gemm.verdict})
+    run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
+    if gemm.verdict != "fused":
+        log.warning("FP8 is %s on this device: %d of %d FP8 matmuls run as FP8 GEMMs, the rest are "
+                    "quantize-dequantize in the compute dtype; compare accuracy here, not step time",
+                    gemm.verdict, gemm.fused, gemm.fp8_matmuls)
+    return {**gemm.metrics(), "perf/fp8_gemm_check_s": time.perf_counter() - started}
 
 
 def print_summary(cfg: DictConfig, outcome: Outcome) -> None:

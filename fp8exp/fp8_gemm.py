@@ -97,10 +97,9 @@ def _train_state(model: keras.Model):
 def inspect_train_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> GemmReport:
     """Trace and compile one training step of a model that has trained (so its optimizer and
     metrics exist) on a batch shaped like the training batches."""
-    state, data = _train_state(model), (x, y)
+    traced = jax.jit(model.train_step).trace(_train_state(model), (x, y))  # traced once, for both
     counts = {"total": 0, "fp8": 0}
-    closed = jax.make_jaxpr(model.train_step)(state, data)
-    _propagate(closed.jaxpr, [math.inf] * len(closed.jaxpr.invars), counts)
-    hlo = jax.jit(model.train_step).lower(_train_state(model), data).compile().as_text()
+    _propagate(traced.jaxpr.jaxpr, [math.inf] * len(traced.jaxpr.jaxpr.invars), counts)
+    hlo = traced.lower().compile().as_text()
     fused = len(FP8_GEMM_TARGET.findall(hlo)) + len(FP8_DOT.findall(hlo))
     return GemmReport(counts["fp8"], fused, counts["total"], hlo)

@@ -265,7 +265,8 @@ class TextClassifier:
         if meta["input"] == "text":
             if vocabulary_path is None or not Path(vocabulary_path).is_file():
                 raise ModelFileError(f"{vocabulary_path or VOCABULARY_FILE} is missing: a text model needs its vocabulary")
-            vocabulary = Path(vocabulary_path).read_text(encoding="utf-8").splitlines()
+            # One token per "\n"-ended line; not splitlines(): U+2028 and U+2029 can be inside tokens.
+            vocabulary = Path(vocabulary_path).read_text(encoding="utf-8").removesuffix("\n").split("\n")
             if len(vocabulary) != meta["vocabulary_size"]:
                 raise ModelFileError(f"{vocabulary_path} has {len(vocabulary)} tokens, the model "
                                      f"{meta['vocabulary_size']}: the files do not belong together")

@@ -84,6 +84,7 @@ def test_float8_run_records_gemm_verdict_health_and_layer_table(runs):
     run = client.get_run(outcomes["float8"].run_id)
     assert run.data.tags["fp8.gemm"] == "emulated"
     assert run.data.metrics["fp8/gemm/fp8_matmuls"] == 24 and run.data.metrics["fp8/gemm/fused"] == 0
+    assert run.data.metrics["perf/fp8_gemm_check_s"] > 0
     health = {k: v for k, v in run.data.tags.items() if k.startswith("fp8.health")}
     assert health == {"fp8.health": "ok"}  # a healthy run stays silent
     assert run.data.metrics["perf/fp8_probe_s"] > 0

@@ -136,6 +136,15 @@ def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, prec
         assert not scales
 
 
+def test_a_vocabulary_with_line_separators_inside_tokens_round_trips(tmp_path):
+    vocabulary = ["[PAD]", "[UNK]", "line\u2028separator", "para\u2029graph", "nel", *[f"w{i}" for i in range(95)]]
+    net = trained_model("float32")
+    meta = serving.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+                            vocabulary_size=len(vocabulary), has_vocabulary=True, fp8exp_version="test")
+    serving.save_mlflow_model(tmp_path / "model", net, meta, vocabulary)
+    assert serving.TextClassifier.load(tmp_path / "model").vocabulary == vocabulary
+
+
 @pytest.mark.slow
 def test_a_synthetic_model_takes_token_ids_and_says_so_otherwise(tmp_path):
     net = trained_model("float32")
