@@ -105,9 +105,10 @@ def read_and_prepare(read, data: DictConfig) -> Splits:
     if data.lowercase:
         raw.texts = {split: [t.lower() for t in texts] for split, texts in raw.texts.items()}
     vocabulary = tokenize.train_vocabulary(raw.texts["train"], data.vocabulary_size)
-    names = list(raw.texts)
-    ids = tokenize.encode([text for name in names for text in raw.texts[name]], vocabulary, data.sequence_length)
-    x = dict(zip(names, np.split(ids, np.cumsum([len(raw.texts[name]) for name in names])[:-1])))
+    # All splits in one call: one tokenizer, and one hand-over of long-word texts to keras-hub.
+    ids = tokenize.encode([text for texts in raw.texts.values() for text in texts], vocabulary, data.sequence_length)
+    ends = np.cumsum([len(texts) for texts in raw.texts.values()])
+    x = dict(zip(raw.texts, np.split(ids, ends[:-1]), strict=True))
     return Splits(x["train"], raw.labels["train"], x["validation"], raw.labels["validation"],
                   x["test"], raw.labels["test"], class_names=raw.class_names,
                   vocabulary_size=len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
