@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 
-import fp8exp  # noqa: F401  (selects the JAX backend)
 import jax
 import keras
 import numpy as np
 from omegaconf import OmegaConf
 
-from fp8exp import fp8_gemm, model, precision, train
+import fp8exp  # noqa: F401  (selects the JAX backend)
 from fp8exp.data.synthetic import generate
+from fp8exp.models import classifier as model
+from fp8exp.precision import gemm as fp8_gemm
+from fp8exp.precision import policy as precision
+from fp8exp.run import train
 
 
 @dataclass

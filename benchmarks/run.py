@@ -18,7 +18,8 @@ CLOTHING = ROOT.parent / "shared" / "data" / "clothing_reviews.parquet"
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from fp8exp.config import register_configs, validate
 
@@ -63,7 +64,7 @@ def plain_keras_median_ms(x, y, hidden, batch, steps, seed) -> float:
 
 
 def framework_overhead(quick: bool) -> str:
-    from fp8exp.experiment import run_experiment
+    from fp8exp.run.experiment import run_experiment
 
     steps, sequence, hidden, batch, reps = (12, 16, 32, 16, 1) if quick else (300, 64, 32, 32, 3)
     ratios, rows = [], []
@@ -99,8 +100,14 @@ def framework_overhead(quick: bool) -> str:
 
 
 def honest_step_time(quick: bool) -> str:
-    from benchmarks.common import build, markdown_table, synthetic_batch_data, time_steps
     import numpy as np
+
+    from benchmarks.common import (
+        build,
+        markdown_table,
+        synthetic_batch_data,
+        time_steps,
+    )
 
     steps, sequence, hidden, batch = (8, 16, 32, 8) if quick else (150, 64, 128, 32)
     rows = []

@@ -17,11 +17,11 @@ def main(cfg: DictConfig) -> float:
     in_sweep = False
     try:
         validate(cfg)
-        from fp8exp.experiment import LaunchContext, run_experiment
+        from fp8exp.run.experiment import LaunchContext, run_experiment
 
         context = LaunchContext.from_hydra()
         if context.sweep:  # a failed job is recorded, and the sweep goes on
-            from fp8exp.sweep import run_job
+            from fp8exp.run.sweep import run_job
 
             in_sweep = True
             return run_job(cfg, context)
@@ -30,14 +30,14 @@ def main(cfg: DictConfig) -> float:
         print(f"fp8exp: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as error:  # the run is KILLED; exit 128 + signal (130 Ctrl-C, 143 SIGTERM)
-        from fp8exp.stopping import Interrupted
+        from fp8exp.run.stopping import Interrupted
 
         if in_sweep:  # the launcher stops the sweep and ends its parent run KILLED
             raise
         print(f"fp8exp: {error}" if isinstance(error, Interrupted) else "fp8exp: interrupted", file=sys.stderr)
         sys.exit(error.exit_code if isinstance(error, Interrupted) else 130)
     except Exception as error:
-        from fp8exp.stopping import NumericalFault
+        from fp8exp.run.stopping import NumericalFault
 
         if not isinstance(error, NumericalFault):
             raise

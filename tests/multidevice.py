@@ -6,7 +6,7 @@ import json
 import sys
 
 from fp8exp.config import ConfigError, validate
-from fp8exp.experiment import run_experiment
+from fp8exp.run.experiment import run_experiment
 from tests.conftest import FAST, compose_config
 
 SAME = [*FAST, "trainer.epochs=1", "trainer.batch_size=32", "model.dropout=0", "tracking=none"]

@@ -5,9 +5,9 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fp8exp import train
 from fp8exp.config import PRECISIONS, validate
-from fp8exp.experiment import run_experiment
+from fp8exp.run import train
+from fp8exp.run.experiment import run_experiment
 from tests.conftest import tracked
 from tests.test_precision import EXPECTED_TINY_FP8_LAYERS
 

@@ -7,8 +7,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8exp import fp8, fp8_gemm, fp8_health, precision
 from fp8exp.config import ConfigError, validate
+from fp8exp.precision import gemm as fp8_gemm
+from fp8exp.precision import health as fp8_health
+from fp8exp.precision import policy as precision
+from fp8exp.precision import probe as fp8_probe
+from fp8exp.precision import scales as fp8
 from tests.conftest import compose_config
 from tests.test_precision import EXPECTED_TINY_FP8_LAYERS, built
 
@@ -56,10 +60,10 @@ def test_fused_gemms_are_recognised_in_gpu_hlo():
 
 def test_saturation_and_underflow_by_hand():
     # With scale 1: 1000 > 448 saturates; 1e-6 is far below E4M3's smallest subnormal 2^-9.
-    stats = fp8_health.quantization_stats(np.array([1000.0, 1.0, 1e-6, 0.0]), 1.0, E4M3)
+    stats = fp8_probe.quantization_stats(np.array([1000.0, 1.0, 1e-6, 0.0]), 1.0, E4M3)
     assert stats["saturation"] == 0.25 and stats["underflow"] == 0.25
     # Scale 4 brings 1000 within range (250), and pushes 1e-3 below it too.
-    stats = fp8_health.quantization_stats(np.array([1000.0, 1.0, 1e-3, 0.0]), 4.0, E4M3)
+    stats = fp8_probe.quantization_stats(np.array([1000.0, 1.0, 1e-3, 0.0]), 4.0, E4M3)
     assert stats["saturation"] == 0.0 and stats["underflow"] == 0.25
 
 
@@ -67,7 +71,7 @@ def test_saturation_and_underflow_by_hand():
 def test_sqnr_of_amax_scaled_normal_data_matches_theory(fmt, expected_db):
     x = np.random.default_rng(0).standard_normal(1_000_000)
     scale = np.abs(x).max() / float(ml_dtypes.finfo(fmt).max)
-    assert fp8_health.quantization_stats(x, scale, fmt)["sqnr_db"] == pytest.approx(expected_db, abs=0.3)
+    assert fp8_probe.quantization_stats(x, scale, fmt)["sqnr_db"] == pytest.approx(expected_db, abs=0.3)
 
 
 def test_probe_measures_a_layer_with_known_kernel_and_scale():
@@ -76,7 +80,7 @@ def test_probe_measures_a_layer_with_known_kernel_and_scale():
     kernel = np.zeros(head.kernel.shape, np.float32)
     kernel[:4, 0] = [1000.0, -900.0, 1e-6, 0.5]  # two saturate, one flushes to zero at scale 1
     head._kernel.assign(kernel)
-    probe = fp8_health.Probe(net, np.ones((2, 16), np.int32))
+    probe = fp8_probe.Probe(net, np.ones((2, 16), np.int32))
     metrics = probe.metrics()
     nonzero = np.count_nonzero(kernel)
     assert metrics["fp8/head/kernel_saturation"] == pytest.approx(2 / kernel.size)
@@ -88,18 +92,18 @@ def test_probe_measures_a_layer_with_known_kernel_and_scale():
 
 def test_probe_measures_output_gradients_given_labels(trained_fp8):
     net, x, y = trained_fp8
-    probe = fp8_health.Probe(net, x, y)
+    probe = fp8_probe.Probe(net, x, y)
     metrics = probe.metrics()
     for layer in EXPECTED_TINY_FP8_LAYERS:
         assert f"fp8/{layer}/outputs_grad_sqnr_db" in metrics
     assert probe.output_grads["head"].shape == (8, 1)
     assert np.any(probe.output_grads["head"])  # a real backward pass reached the head
-    assert not any("outputs_grad" in k for k in fp8_health.Probe(net, x).metrics())
+    assert not any("outputs_grad" in k for k in fp8_probe.Probe(net, x).metrics())
 
 
 def test_health_is_silent_on_a_trained_model_and_fires_on_broken_ones(trained_fp8):
     net, x, _ = trained_fp8
-    probe = fp8_health.Probe(net, x)
+    probe = fp8_probe.Probe(net, x)
     assert fp8_health.check_health(net, probe.metrics(), threshold=0.5).findings == {}
 
     fresh = built("precision=float8")[1]  # never trained: scales at 1.0, histories empty
@@ -119,7 +123,7 @@ def test_health_is_silent_on_a_trained_model_and_fires_on_broken_ones(trained_fp
 
 def test_layer_table_shows_what_fp8_covers(trained_fp8):
     net, x, _ = trained_fp8
-    probe = fp8_health.Probe(net, x)
+    probe = fp8_probe.Probe(net, x)
     probe.metrics()
     table = fp8_health.layer_table(net, probe.captures)
     assert "| token_and_position_embedding/token_embedding | ReversibleEmbedding | mixed_bfloat16 | 3,200 |" in table

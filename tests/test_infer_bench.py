@@ -11,7 +11,13 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from fp8exp import infer_bench, precision, report
+from fp8exp.precision import policy as precision
+from fp8exp.report import inference as report_inference
+from fp8exp.report import rows as report_rows
+from fp8exp.report import runs as report_runs
+from fp8exp.report.__main__ import main as report_main
+from fp8exp.serve import bench as infer_bench
+from fp8exp.serve import ptq
 from tests.test_predict import model_dir, text_runs, uri
 from tests.test_report import log_sweep
 
@@ -22,7 +28,7 @@ def benched(store, tmp_path_factory):
     runs = text_runs(store)
     out = tmp_path_factory.mktemp("inference")
     code = infer_bench.main([f"run_id={runs['mixed_bfloat16']}", f"run_id={runs['float8']}",
-                             f"tracking_uri={uri(store)}", f"out={out}", "seconds=0.05", "calibration_examples=64"])
+                             f"tracking.uri={uri(store)}", f"out={out}", "seconds=0.05", "calibration_examples=64"])
     assert code == 0
     return runs, out
 
@@ -40,15 +46,15 @@ def test_latency_throughput_and_accuracies_land_on_each_run(store, benched, caps
         # The reloaded model scores exactly what the trained one did on the same test split.
         assert data.metrics["infer/as_trained/accuracy"] == pytest.approx(data.metrics["test/accuracy"], abs=1e-6)
         assert data.tags["infer.device"].startswith("cpu")
-    for variant in infer_bench.PTQ_VARIANTS:
+    for variant in report_inference.PTQ_VARIANTS:
         assert 0.0 <= bf16.metrics[f"infer/{variant}/accuracy"] <= 1.0
         assert f"infer/{variant}/accuracy" not in fp8.metrics  # FP8-trained: nothing to quantize after the fact
 
     table = (out / "inference.md").read_text()
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()
              if line.startswith("| ") and "configuration" not in line]
-    assert [row[:2] for row in cells] == [["mixed_bfloat16 h32", infer_bench.VARIANT_LABELS[v]] for v in (
-        "as_trained", *infer_bench.PTQ_VARIANTS)] + [["float8 h32", "as trained"]]
+    assert [row[:2] for row in cells] == [["mixed_bfloat16 h32", report_inference.VARIANT_LABELS[v]] for v in (
+        "as_trained", *report_inference.PTQ_VARIANTS)] + [["float8 h32", "as trained"]]
     assert cells[1][3] == f"{bf16.metrics['infer/int8_ptq/accuracy']:.4f}"
     assert "ms/batch b=256" in table and "examples/s b=256" in table
     for run_id in runs.values():
@@ -58,7 +64,7 @@ def test_latency_throughput_and_accuracies_land_on_each_run(store, benched, caps
 @pytest.mark.slow
 def test_int8_path_quantizes_every_dense_layer_to_int8(store):
     runs = text_runs(store)
-    classifier = infer_bench.variant(model_dir(store, runs["mixed_bfloat16"]), "int8_ptq")
+    classifier = ptq.variant(model_dir(store, runs["mixed_bfloat16"]), "int8_ptq")
     layers = precision.quantizable_layers(classifier.model)
     assert len(layers) == 8
     assert {layer.dtype_policy.name for layer in layers} == {"int8_from_mixed_bfloat16"}
@@ -68,12 +74,12 @@ def test_int8_path_quantizes_every_dense_layer_to_int8(store):
 
 @pytest.mark.slow
 def test_calibration_sets_fp8_scales_from_the_data(store):
-    from fp8exp.fp8 import scale_variables
+    from fp8exp.precision.scales import scale_variables
 
     directory = model_dir(store, text_runs(store)["mixed_bfloat16"])
     vocabulary = len((directory / "artifacts" / "vocabulary.txt").read_text().splitlines())
     x = np.random.default_rng(0).integers(2, vocabulary, (64, 16)).astype(np.int32)
-    classifier = infer_bench.variant(directory, "fp8_ptq_calibrated", x)
+    classifier = ptq.variant(directory, "fp8_ptq_calibrated", x)
     layers = {layer.path: layer for layer in classifier.model._flatten_layers()}
     for entry in scale_variables(classifier.model):
         scale = float(np.asarray(entry.scale.value))
@@ -91,7 +97,7 @@ def test_bad_runs_are_one_line_and_exit_2(store, capsys):
     client.set_terminated(bare)
     for run_id, message in (("0123456789abcdef0123456789abcdef", "no run '0123456789abcdef0123456789abcdef'"),
                             (bare, "has no saved model")):
-        assert infer_bench.main([f"run_id={run_id}", f"tracking_uri={uri(store)}"]) == 2
+        assert infer_bench.main([f"run_id={run_id}", f"tracking.uri={uri(store)}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("fp8exp.infer_bench: error: ") and message in err and "\n" not in err, err
     assert infer_bench.main(["batch_sizes=1,zero"]) == 2
@@ -104,7 +110,7 @@ def test_the_report_shows_the_inference_table_when_a_sweep_has_it(tmp_path):
              for p in ("mixed_bfloat16", "float8") for s in (0, 1)]
     parent = log_sweep(store, specs)
     client = MlflowClient(store)
-    assert not infer_bench.has_inference(report.build_rows(report.find_source(client, parent, None).runs))
+    assert not report_inference.has_inference(report_rows.build_rows(report_runs.find_source(client, parent, None).runs))
 
     for run in client.search_runs([client.get_experiment_by_name("fp8exp").experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'"):
@@ -116,7 +122,7 @@ def test_the_report_shows_the_inference_table_when_a_sweep_has_it(tmp_path):
             values.update({"infer/int8_ptq/accuracy": 0.78 + 0.01 * seed, "infer/fp8_ptq/accuracy": 0.70,
                            "infer/fp8_ptq_calibrated/accuracy": 0.79})
         client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
-    assert report.main(["--tracking-uri", store, "--out", str(tmp_path / "report")]) == 0
+    assert report_main(["--tracking-uri", store, "--out", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     section = markdown.split("## Inference", 1)[1]
     rows = {tuple(cell.strip() for cell in line.split("|")[1:6]) for line in section.splitlines()

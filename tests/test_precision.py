@@ -4,7 +4,9 @@ layers, with the requested amax history; other precisions carry no FP8 state."""
 import keras
 import pytest
 
-from fp8exp import fp8, model, precision
+from fp8exp.models import classifier as model
+from fp8exp.precision import policy as precision
+from fp8exp.precision import scales as fp8
 from tests.conftest import compose_config
 
 

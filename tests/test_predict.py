@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fp8exp import predict, serving
 from fp8exp.config import PRECISIONS, validate
+from fp8exp.serve import predict
+from fp8exp.serve import pyfunc as serving
+from fp8exp.serve import save as serving_save
 from tests.conftest import ROOT, compose_config
 from tests.servers import model_server
 from tests.test_data import write_table
@@ -34,7 +36,7 @@ def text_runs(store: Path) -> dict[str, str]:
     """precision -> run id: a mixed_bfloat16 and a float8 run on a small table of reviews, each
     saving its model (the default). Trained once per session; tests/test_infer_bench.py uses them too."""
     if "runs" not in _cache:
-        from fp8exp.experiment import run_experiment
+        from fp8exp.run.experiment import run_experiment
 
         table = write_table(store / "inference_reviews.csv", rows=320, classes=("neg", "pos"))
         runs = {}
@@ -94,7 +96,9 @@ def trained_model(precision: str):
     (the first step only fills the amax history)."""
     import keras
 
-    from fp8exp import model, precision as precision_lib, train
+    from fp8exp.models import classifier as model
+    from fp8exp.precision import policy as precision_lib
+    from fp8exp.run import train
 
     cfg = compose_config("data=synthetic", "data.sequence_length=16", "data.vocabulary_size=100",
                          f"precision={precision}", "model.hidden_dim=16", "model.num_heads=2")
@@ -115,9 +119,9 @@ def saved_state(net) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, precision):
     net = trained_model(precision)
-    meta = serving.describe(net, precision=precision, class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serving_save.describe(net, precision=precision, class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
-    serving.save_mlflow_model(tmp_path / "model", net, meta, None)
+    serving_save.save_mlflow_model(tmp_path / "model", net, meta, None)
     loaded = serving.TextClassifier.load(tmp_path / "model")
 
     batch = np.random.default_rng(1).integers(0, 100, (8, 16)).astype(np.int32)
@@ -139,18 +143,18 @@ def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, prec
 def test_a_vocabulary_with_line_separators_inside_tokens_round_trips(tmp_path):
     vocabulary = ["[PAD]", "[UNK]", "line\u2028separator", "para\u2029graph", "nel", *[f"w{i}" for i in range(95)]]
     net = trained_model("float32")
-    meta = serving.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serving_save.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=len(vocabulary), has_vocabulary=True, fp8exp_version="test")
-    serving.save_mlflow_model(tmp_path / "model", net, meta, vocabulary)
+    serving_save.save_mlflow_model(tmp_path / "model", net, meta, vocabulary)
     assert serving.TextClassifier.load(tmp_path / "model").vocabulary == vocabulary
 
 
 @pytest.mark.slow
 def test_a_synthetic_model_takes_token_ids_and_says_so_otherwise(tmp_path):
     net = trained_model("float32")
-    meta = serving.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serving_save.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
-    serving.save_mlflow_model(tmp_path / "model", net, meta, None)
+    serving_save.save_mlflow_model(tmp_path / "model", net, meta, None)
     classifier = serving.TextClassifier.load(tmp_path / "model")
     result = classifier.classify(["5 17 33", " ".join(["7"] * 20)])
     assert result.truncated == 1 and set(result.labels) <= {"a", "b"}
@@ -171,7 +175,7 @@ def test_predict_classifies_a_file_and_stdin(store, runs, server, tmp_path):
     texts.write_text(f"{TEXTS[0]}\n\n{LONG}\n")  # the blank line is skipped
     result = subprocess.run(
         [sys.executable, "-m", "fp8exp.predict", f"run_id={runs['float8']}", f"file={texts}", "file=-",
-         f"tracking_uri={uri(store)}"],
+         f"tracking.uri={uri(store)}"],
         input=TEXTS[1] + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split("\t") for line in result.stdout.splitlines()]
@@ -194,7 +198,7 @@ def test_predict_learned_the_reviews_and_tokenizes_as_training_did(store, runs):
     for run_id in runs.values():
         out = io.StringIO()
         assert predict.main([f"run_id={run_id}", f"text={TEXTS[0]}", f"text={TEXTS[1]}", "format=jsonl",
-                             f"tracking_uri={uri(store)}"], out=out) == 0
+                             f"tracking.uri={uri(store)}"], out=out) == 0
         rows = [json.loads(line) for line in out.getvalue().splitlines()]
         assert [row["label"] for row in rows] == ["pos", "neg"]
         assert all(set(row["probabilities"]) == {"neg", "pos"} for row in rows)
@@ -262,7 +266,7 @@ def test_predict_bad_input_is_one_line_and_exit_2(store, runs, tmp_path, capsys,
 
 
 def test_help_and_argument_errors_are_fast_and_import_no_keras():
-    code = ("import io, sys; from fp8exp import predict;"
+    code = ("import io, sys; from fp8exp.serve import predict;"
             "assert predict.main(['--help']) == 0;"
             "assert predict.main(['text=hello']) == 2;"
             "assert predict.main(['run_id=x', 'colour=red']) == 2;"
@@ -274,7 +278,7 @@ def test_help_and_argument_errors_are_fast_and_import_no_keras():
     assert "python -m fp8exp.predict run_id=RUN_ID" in result.stdout
     assert result.stderr.splitlines() == [
         "fp8exp.predict: error: run_id is required: the MLflow run whose model to use (fp8exp prints it after each run)",
-        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, text, file, tracking_uri, format"]
+        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, text, file, tracking.uri, format"]
 
 
 # ---------------------------------------------------------------- mlflow models serve

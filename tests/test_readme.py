@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fp8exp.config import validate
-from fp8exp.experiment import run_experiment
+from fp8exp.run.experiment import run_experiment
 from tests.conftest import CLOTHING, ROOT, compose_config
 
 SHRINK = ["trainer.epochs=1", "trainer.steps_per_epoch=4", "trainer.eval_steps=2",

@@ -5,7 +5,7 @@ from mlflow.tracking import MlflowClient
 
 from fp8exp.config import validate
 from fp8exp.data import imdb, load
-from fp8exp.experiment import run_experiment
+from fp8exp.run.experiment import run_experiment
 from tests.conftest import CLOTHING, compose_config, needs_clothing
 from tests.test_data import served, sha256  # noqa: F401  (served is a fixture)
 

@@ -20,9 +20,14 @@ import pytest
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 
-from fp8exp import checkpoint, redact, stopping, tracking_sync, train
 from fp8exp.config import ConfigError, validate
-from fp8exp.experiment import LaunchContext, run_experiment
+from fp8exp.run import checkpoint, stopping, train
+from fp8exp.run.experiment import run_experiment
+from fp8exp.run.launch import LaunchContext
+from fp8exp.run.resume import find_resume
+from fp8exp.tracking import offline as tracking_sync
+from fp8exp.tracking import redact
+from fp8exp.tracking.callbacks import StepCallback
 from tests.conftest import FAST, ROOT, compose_config, tracked
 from tests.servers import free_port, tracking_server
 
@@ -52,7 +57,7 @@ def killing_after(step: int, action):
 
     def patched(model, splits, trainer, callbacks, **kwargs):
         at = At()
-        at.counter = next(c for c in callbacks if isinstance(c, train.StepCallback))
+        at.counter = next(c for c in callbacks if isinstance(c, StepCallback))
         return original(model, splits, trainer, [*callbacks, at], **kwargs)
 
     return patched
@@ -106,7 +111,7 @@ def test_servers_bind_to_loopback_unless_told_otherwise():
     makefile = (ROOT / "Makefile").read_text()
     assert "HOST ?= 127.0.0.1" in makefile and "--host $(HOST)" in makefile  # make ui
     cfg = compose_config(*FAST)
-    from fp8exp.tracking import ui_command
+    from fp8exp.tracking.store import ui_command
 
     assert "--host 127.0.0.1" in ui_command(cfg)  # what every run prints
     for path in (ROOT / "fp8exp").rglob("*.py"):  # nothing in fp8exp opens a port to the world
@@ -196,7 +201,7 @@ def test_a_stop_signal_waits_for_the_step_then_reaches_a_launchers_own_handler()
 def test_float16_overflows_are_skipped_not_fatal(tmp_path, monkeypatch):
     import keras
 
-    from fp8exp import precision
+    from fp8exp.precision import policy as precision
 
     # Start the loss scale absurdly high: the first steps' float16 gradients overflow.
     monkeypatch.setattr(precision, "optimizer", lambda p, lr: keras.optimizers.LossScaleOptimizer(
@@ -285,12 +290,12 @@ def test_resume_needs_a_matching_unfinished_run(tmp_path):
     finished = client.create_run(experiment).info.run_id
     client.set_terminated(finished, "FINISHED")
     with pytest.raises(ConfigError, match="already FINISHED"):
-        checkpoint.find_resume(tracked(tmp_path, f"trainer.resume_from={finished}"))
+        find_resume(tracked(tmp_path, f"trainer.resume_from={finished}"))
     other = client.create_run(experiment).info.run_id
     client.log_param(other, "model.hidden_dim", "64")
     with pytest.raises(ConfigError, match=r"different settings: model.hidden_dim=64 \(now 32\)"):
-        checkpoint.find_resume(tracked(tmp_path, f"trainer.resume_from={other}"))
-    assert checkpoint.find_resume(tracked(tmp_path, "trainer.resume=true")) is None  # nothing: start fresh
+        find_resume(tracked(tmp_path, f"trainer.resume_from={other}"))
+    assert find_resume(tracked(tmp_path, "trainer.resume=true")) is None  # nothing: start fresh
     with pytest.raises(ConfigError, match="trainer.resume: needs tracking=mlflow"):
         validate(compose_config(*FAST, "tracking=none", "trainer.resume=true"))
 

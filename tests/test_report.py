@@ -13,7 +13,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from fp8exp import report
+from fp8exp.precision.scales import SCALED_TENSORS
+from fp8exp.report import stats as report_stats
+from fp8exp.report.__main__ import main as report_main
 from tests.test_sweep import basic_sweep
 
 REPORT_FILES = {"report.md", "report.csv", "accuracy.png", "step_time.png"}
@@ -36,7 +38,7 @@ def log_sweep(uri: str, runs: list[dict], experiment: str = "fp8exp") -> str:
                     Metric("model/params", 1000 * int(hidden), 0, 0)]
         if precision == "float8" and spec.get("fp8", True):
             metrics += [Metric(f"fp8/{layer}/{tensor}_scale", 0.01 * step, 0, step)
-                        for layer in ("dense", "head") for tensor in report.SCALED_TENSORS for step in (8, 16)]
+                        for layer in ("dense", "head") for tensor in SCALED_TENSORS for step in (8, 16)]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag("fp8exp", "test")])
         client.set_terminated(run_id, spec.get("status", "FINISHED"))
@@ -50,7 +52,7 @@ def grid(accuracy: dict[tuple, float], step_ms: dict[str, float]) -> list[dict]:
 
 
 def make_report(uri: str, out: Path, *args: str) -> int:
-    return report.main(["--tracking-uri", uri, "--out", str(out), *args])
+    return report_main(["--tracking-uri", uri, "--out", str(out), *args])
 
 
 def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -64,7 +66,7 @@ def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
 def test_paired_delta_matches_scipy_paired_t_interval():
     fp8 = {"0": 0.81, "1": 0.84, "2": 0.80, "3": 0.83}
     bf16 = {"0": 0.83, "1": 0.85, "2": 0.83, "3": 0.84}
-    delta = report.delta_ci(fp8, bf16)
+    delta = report_stats.delta_ci(fp8, bf16)
     expected = stats.ttest_rel(list(fp8.values()), list(bf16.values())).confidence_interval(0.95)
     assert delta.paired and delta.n == 4
     assert delta.mean == pytest.approx(-0.0175)
@@ -74,7 +76,7 @@ def test_paired_delta_matches_scipy_paired_t_interval():
 
 def test_unmatched_seeds_fall_back_to_welch():
     fp8, bf16 = {"0": 0.80, "1": 0.86, "2": 0.83}, {"5": 0.84, "6": 0.82}
-    delta = report.delta_ci(fp8, bf16)
+    delta = report_stats.delta_ci(fp8, bf16)
     expected = stats.ttest_ind(list(fp8.values()), list(bf16.values()), equal_var=False).confidence_interval(0.95)
     assert not delta.paired
     assert (delta.low, delta.high) == pytest.approx((expected.low, expected.high))
@@ -82,7 +84,7 @@ def test_unmatched_seeds_fall_back_to_welch():
 
 
 def test_one_seed_has_no_interval():
-    delta = report.delta_ci({"0": 0.9}, {"0": 0.8})
+    delta = report_stats.delta_ci({"0": 0.9}, {"0": 0.8})
     assert delta.low is None and delta.verdict == "one seed: no CI"
     assert delta.mean == pytest.approx(0.1)
 
@@ -178,7 +180,7 @@ def test_report_on_a_real_sweep_matches_its_runs(tmp_path_factory, capsys):
     [parent] = sweep.parents()
     children = {c.info.run_name: c.data.metrics for c in sweep.children(parent.info.run_id)}
     uri = f"sqlite:///{sweep.cwd / 'mlflow.db'}"
-    assert report.main(["--tracking-uri", uri, "--parent", parent.info.run_id]) == 0
+    assert report_main(["--tracking-uri", uri, "--parent", parent.info.run_id]) == 0
 
     out = Path(parent.data.tags["sweep.dir"]) / "report"
     table = read_csv(out / "report.csv")

@@ -15,7 +15,7 @@ import pytest
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 
-from fp8exp.experiment import run_name
+from fp8exp.run.launch import run_name
 from tests.conftest import CONF, FAST, ROOT, compose_config, run_cli
 
 SWEEP = ["precision=mixed_bfloat16,float8", "model.hidden_dim=32,64"]
@@ -35,7 +35,7 @@ class Faults(Callback):
     def on_job_start(self, config, **kwargs):
         import keras
 
-        from fp8exp import train
+        from fp8exp.run import train
 
         original = train.__dict__.setdefault("unfaulted_fit_and_evaluate", train.fit_and_evaluate)
         name = f"{config.precision.name}-h{config.model.hidden_dim}"
@@ -226,7 +226,7 @@ def test_readme_sweeps_expand_to_valid_jobs(command):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from fp8exp.sweep import job_overrides, validated_jobs
+    from fp8exp.run.sweep import job_overrides, validated_jobs
 
     args = [arg for arg in command.split()[3:] if arg != "-m"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 import keras
 
-from fp8exp.train import StepCallback
+from fp8exp.precision.scales import scale_variables
+from fp8exp.tracking.callbacks import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ class GracefulStop:
 def non_finite_fp8(model: keras.Model) -> list[str]:
     """`<layer>/<tensor>_scale` or `_amax_history` variables holding a NaN or Inf."""
     import numpy as np
-
-    from fp8exp.fp8 import scale_variables
 
     bad = []
     for entry in scale_variables(model):

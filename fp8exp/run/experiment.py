@@ -4,45 +4,32 @@ train; tracking watches through callbacks and a run context."""
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import keras
 from omegaconf import DictConfig
 
+from fp8exp import data
 from fp8exp.config import ConfigError
-
-if TYPE_CHECKING:
-    from fp8exp.sweep import Sweep
+from fp8exp.models import classifier
+from fp8exp.precision import policy
+from fp8exp.precision.gemm import inspect_train_step
+from fp8exp.precision.health import check_health, layer_table
+from fp8exp.precision.probe import Probe
+from fp8exp.precision.scales import state_size
+from fp8exp.run import checkpoint, distribution, stopping, train
+from fp8exp.run.launch import LaunchContext, git_state, run_name
+from fp8exp.run.resume import config_hash, find_resume
+from fp8exp.serve.save import log_model
+from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger
+from fp8exp.tracking.context import open_run
+from fp8exp.tracking.store import check_reachable, ui_command
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LaunchContext:
-    """How the run was launched, for tags; empty when a config is composed in-process."""
-
-    overrides: list[str] = field(default_factory=list)
-    output_dir: str | None = None
-    sweep: "Sweep | None" = None
-
-    @classmethod
-    def from_hydra(cls) -> "LaunchContext":
-        from hydra.core.hydra_config import HydraConfig
-
-        from fp8exp.sweep import Sweep
-
-        hydra_cfg = HydraConfig.get()
-        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir, Sweep.of_job(hydra_cfg))
-
-    @property
-    def swept(self) -> list[str]:
-        """This job's overrides of the keys its sweep varies, e.g. ['precision=float8', 'trainer.seed=1']."""
-        return self.sweep.values_in(self.overrides) if self.sweep else []
 
 
 @dataclass
@@ -54,41 +41,8 @@ class Outcome:
     """What happened to the tracking data, when the tracking server was away (else empty)."""
 
 
-# How a swept key shows in a run name; config groups show as their choice, other keys as leaf=value.
-NAME_LABELS = {"model.hidden_dim": "h", "trainer.seed": "s"}
-
-
-def run_name(cfg: DictConfig, swept: list[str] = ()) -> str:
-    """`tracking.run_name`, else precision and width plus whatever else the sweep varies for
-    this job (`swept`: its overrides of the varying keys), e.g. float8-h256-s1."""
-    if cfg.tracking.get("run_name"):
-        return cfg.tracking.run_name
-    parts = [cfg.precision.name, f"h{cfg.model.hidden_dim}"]
-    for override in swept:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key in ("precision", "precision.name", "model.hidden_dim"):
-            continue
-        parts.append(NAME_LABELS[key] + value if key in NAME_LABELS
-                     else value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}")
-    return "-".join(parts)
-
-
-def git_state() -> dict[str, str]:
-    """Commit of the fp8exp checkout and whether it had uncommitted changes."""
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
-
-
 def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
     import jax
-    import keras
 
     devices = jax.devices()
     tags = {
@@ -108,32 +62,18 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
     return tags
 
 
-def interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM ends the run like Ctrl-C does: KILLED, not left RUNNING. (Inside
-    run_experiment, stopping.GracefulStop takes over: the current step finishes and a
-    checkpoint is written first.)"""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Outcome:
     """Train and evaluate one configuration; `cfg` must already have passed config.validate.
     Raises ConfigError for settings only checkable at run time (an unreachable tracking server,
     a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
-    import keras
-
-    from fp8exp import checkpoint, distribution, stopping, tracking
-
     context = context or LaunchContext()
-    online = tracking.check_reachable(cfg)
+    online = check_reachable(cfg)
     resume = None
     if cfg.trainer.resume or cfg.trainer.resume_from:
         if not online and cfg.trainer.resume_from:
             raise ConfigError("trainer.resume_from", "the tracking server holding the run is unreachable")
-        resume = checkpoint.find_resume(cfg) if online else None
+        resume = find_resume(cfg) if online else None
     with stopping.GracefulStop() as stop:
         keras.utils.set_random_seed(cfg.trainer.seed)
         try:
@@ -147,39 +87,33 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
 
 
 def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) -> Outcome:
-    import tempfile
-
-    import keras
-
-    from fp8exp import checkpoint, data, distribution, fp8, fp8_health, model, precision, stopping, tracking, train
-
     splits = data.load(cfg.data)
     name = run_name(cfg, context.swept)
     strategy = keras.distribution.distribution()  # set by run_experiment from cfg.distribution
     distribution.check_batch(strategy, cfg.trainer.batch_size)
     splits = splits.divisible_by(distribution.batch_ways(strategy))
 
-    net = precision.build(cfg.precision, lambda: model.build_classifier(
+    net = policy.build(cfg.precision, lambda: classifier.build_classifier(
         cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
-    train.compile_model(net, precision.optimizer(cfg.precision, cfg.trainer.learning_rate),
-                        model.loss_for(splits.num_classes), cfg.trainer)
+    train.compile_model(net, policy.optimizer(cfg.precision, cfg.trainer.learning_rate),
+                        classifier.loss_for(splits.num_classes), cfg.trainer)
     steps = train.steps_per_epoch(len(splits.y_train), cfg.trainer)
     start_step = resume.state.step if resume else 0
     if resume and resume.state.meta["steps_per_epoch"] != steps:
         raise ConfigError("trainer.resume", f"the checkpoint has {resume.state.meta['steps_per_epoch']} steps "
                           f"per epoch, this data and config {steps}: the training data changed")
-    config_hash = checkpoint.config_hash(cfg)
-    tags = {**environment_tags(cfg, context), "fp8exp.config_hash": config_hash}
+    run_hash = config_hash(cfg)
+    tags = {**environment_tags(cfg, context), "fp8exp.config_hash": run_hash}
 
     # Checkpoints bound for a tracking server are staged here until uploaded (even if that waits
     # for the offline copy, written when the run closes).
     with tempfile.TemporaryDirectory(prefix="fp8exp-checkpoint-") as staging_dir, \
-            tracking.open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
+            open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
                               checkpoint_root=context.output_dir, shield=stop.deferred) as run:
         staging = Path(staging_dir)
         try:
             if resume is None:
-                run.log_metrics({"model/params": net.count_params() - fp8.state_size(net), **splits.metrics()})
+                run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
                 run.set_tags({"data.class_names": ", ".join(splits.class_names),
                               "data.cache_hit": str(splits.cache_hit).lower()})
                 if splits.vocabulary:
@@ -189,25 +123,25 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                 bad = stopping.non_finite_fp8(model_)
                 if bad:  # never overwrite the last good checkpoint with a broken state
                     raise stopping.NumericalFault(step, "FP8 scale or amax", bad, checkpointer.last_saved)
-                return checkpoint.store(run, checkpoint.capture(model_, step, steps, config_hash), staging)
+                return checkpoint.store(run, checkpoint.capture(model_, step, steps, run_hash), staging)
 
             checkpointer = checkpoint.Checkpointer(cfg.trainer.checkpoint_every, steps, steps * cfg.trainer.epochs,
                                                    stop, save)
             checkpointer.start_at(start_step)
             guard = stopping.NonFiniteGuard(lambda: checkpointer.last_saved)
             callbacks = [checkpoint.Restore(resume.state)] if resume else []
-            callbacks.append(tracking.EpochLogger(run))
+            callbacks.append(EpochLogger(run))
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
-                probe = fp8_health.Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch]) \
+                probe = Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch]) \
                     if cfg.tracking.fp8_probe else None
 
                 def fp8_sink(metrics, step):
                     run.log_metrics(metrics, step)
                     guard.check_fp8_metrics(metrics, step)
 
-                fp8_logger = fp8.Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
+                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
                 if start_step:  # logged before the interruption; the next log point follows from it
                     fp8_logger.logged_steps.append(start_step)
                 callbacks.append(fp8_logger)
@@ -232,9 +166,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             final.update(report_fp8(run, net, splits, cfg, fp8_logger))
         run.log_metrics(final, step=result.steps)
         if cfg.tracking.get("save_model", True) and run.run_id:
-            from fp8exp import serving
-
-            serving.log_model(run, net, splits, cfg, staging)  # artifact model/: predict, infer_bench, serve
+            log_model(run, net, splits, cfg, staging)  # artifact model/: predict, infer_bench, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)
@@ -244,27 +176,23 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
 def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
     """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
     (scales, histories, probe), and which layers it covers. Returns metrics to log."""
-    from fp8exp import fp8_health
-
     metrics = report_fp8_gemm(run, net, splits, cfg) if cfg.tracking.fp8_gemm_check else {}
     if logger is not None and logger.probe is not None:
-        health = fp8_health.check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction,
+        health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction,
                                          logger.probe.sizes)
         for message in health.messages():
             log.warning(message)
         run.set_tags(health.tags())
-        run.log_text(fp8_health.layer_table(net, logger.probe.captures), "fp8/layers.md")
+        run.log_text(layer_table(net, logger.probe.captures), "fp8/layers.md")
         metrics["perf/fp8_probe_s"] = logger.probe_seconds
     return metrics
 
 
 def report_fp8_gemm(run, net, splits, cfg: DictConfig) -> dict[str, float]:
     """Tag fp8.gemm, log the compiled step's HLO, and say so when FP8 is only emulated."""
-    from fp8exp import fp8_gemm
-
     started = time.perf_counter()
     batch = slice(0, cfg.trainer.batch_size)
-    gemm = fp8_gemm.inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
+    gemm = inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
     run.set_tags({"fp8.gemm": gemm.verdict})
     run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
     if gemm.verdict != "fused":
@@ -275,8 +203,6 @@ def report_fp8_gemm(run, net, splits, cfg: DictConfig) -> dict[str, float]:
 
 
 def print_summary(cfg: DictConfig, outcome: Outcome) -> None:
-    from fp8exp.tracking import ui_command
-
     metrics = outcome.metrics
     step = metrics.get("perf/step_time_ms")
     step_text = f"{step:.2f} ms/step (median)" if step is not None else "too few steps to time"

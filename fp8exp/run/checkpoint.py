@@ -17,12 +17,10 @@ crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +28,9 @@ from typing import Callable
 
 import keras
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from fp8exp.config import ConfigError, tracking_uri
-from fp8exp.train import StepCallback
+from fp8exp.run.stopping import Interrupted
+from fp8exp.tracking.callbacks import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +39,6 @@ FILE_NAME = "last.npz"
 ARTIFACT = f"{ARTIFACT_DIR}/{FILE_NAME}"
 FORMAT = 1
 META = "__meta__"
-# Settings that do not change what is trained: they may differ between a run and its resumption.
-NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
-                "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
-                "data.cache_dir"}
-RESUMABLE = ("KILLED", "FAILED")
 
 
 class CheckpointError(RuntimeError):
@@ -224,89 +216,9 @@ class Checkpointer(StepCallback):
         self._since = self.step
 
     def _stop_if_asked(self) -> None:
-        from fp8exp.stopping import Interrupted
-
         if self.stop.requested:
             raise Interrupted(self.stop.signum, self.step,
                               self.last_saved if self.last_saved == self.step else None)
-
-
-def comparable_params(cfg: DictConfig) -> dict[str, str]:
-    """The run's params (masked as logged) that must match for a resumption."""
-    from fp8exp import redact
-    from fp8exp.tracking import flatten
-
-    params = redact.flat(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    return {key: value for key, value in params.items() if key not in NOT_COMPARED}
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(comparable_params(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Resume:
-    run_id: str
-    state: TrainingState
-    status: str
-
-
-def _checkpointed_candidates(client, cfg: DictConfig) -> list:
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id],
-                              f"tags.`fp8exp.config_hash` = '{config_hash(cfg)}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
-    return [run for run in runs if run.info.status in RESUMABLE and "checkpoint.step" in run.data.tags
-            and run.data.tags.get("failure.reason") != "non_finite"]
-
-
-def find_resume(cfg: DictConfig) -> Resume | None:
-    """The run and checkpoint `trainer.resume` / `trainer.resume_from` point at; None when
-    `resume=true` finds nothing to continue. ConfigError for a run that cannot be resumed."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
-    if cfg.trainer.resume_from:
-        key = "trainer.resume_from"
-        try:
-            run = client.get_run(cfg.trainer.resume_from)
-        except MlflowException:
-            raise ConfigError(key, f"no run {cfg.trainer.resume_from} in {tracking_uri(cfg)}") from None
-        if run.info.status == "FINISHED":
-            raise ConfigError(key, f"run {run.info.run_id} already FINISHED; nothing to resume")
-        current = comparable_params(cfg)
-        differing = [f"{k}={run.data.params[k]} (now {current[k]})" for k in sorted(current)
-                     if k in run.data.params and run.data.params[k] != current[k]]
-        if differing:
-            raise ConfigError(key, f"run {run.info.run_id} was started with different settings: "
-                              f"{', '.join(differing)}; resume with the same ones")
-    else:
-        key = "trainer.resume"
-        candidates = _checkpointed_candidates(client, cfg)
-        if not candidates:
-            log.info("trainer.resume: no KILLED or FAILED run of this config with a checkpoint in "
-                     "experiment '%s'; starting a new run", cfg.tracking.experiment)
-            return None
-        run = candidates[0]
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="fp8exp-resume-") as tmp:
-        try:
-            path = Path(client.download_artifacts(run.info.run_id, ARTIFACT, tmp))
-        except (MlflowException, OSError) as error:
-            raise ConfigError(key, f"run {run.info.run_id} has no readable checkpoint ({ARTIFACT}): "
-                              f"{str(error).splitlines()[0]}") from None
-        try:
-            state = read(path)
-        except CheckpointError as error:
-            raise ConfigError(key, str(error)) from None
-    if state.meta["config_hash"] != config_hash(cfg) and not cfg.trainer.resume_from:
-        raise ConfigError(key, f"the checkpoint of run {run.info.run_id} was written by other settings")
-    log.info("Resuming MLflow run %s (%s) from its checkpoint at step %d (epoch %d, batch %d)",
-             run.info.run_id, run.info.status, state.step, state.meta["epoch"] + 1, state.meta["batch"])
-    return Resume(run.info.run_id, state, run.info.status)
 
 
 def store(run, state: TrainingState, staging: Path) -> bool:

@@ -24,52 +24,21 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fp8exp.config import ConfigError, validate
+from fp8exp.config import ConfigError, tracking_uri, validate
+from fp8exp.run.launch import (
+    SWEEP_FILE,
+    Sweep,
+    git_state,
+    interrupt_on_sigterm,
+    override_key,
+    run_name,
+)
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "fp8exp_sweep.json"  # in the sweep dir: how jobs find their parent run
 JOB_FILE = "fp8exp_job.json"  # in each job's output dir: how the job ended
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000 characters
-
-
-def override_key(override: str) -> str:
-    """`+trainer.seed=1` -> `trainer.seed`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-@dataclass
-class Sweep:
-    """What a job learns about the sweep it belongs to."""
-
-    dir: str
-    parent_run_id: str | None
-    varying: list[str]
-    """Override keys whose value differs between jobs, in command-line order."""
-
-    def save(self) -> None:
-        Path(self.dir, SWEEP_FILE).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def of_job(cls, hydra_cfg: DictConfig) -> "Sweep | None":
-        """The sweep of the running Hydra job, or None outside a sweep started by SweepCallback."""
-        from hydra.types import RunMode
-
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return None
-        path = Path(str(hydra_cfg.sweep.dir)).resolve() / SWEEP_FILE
-        return cls(**json.loads(path.read_text())) if path.exists() else None
-
-    def values_in(self, overrides: list[str]) -> list[str]:
-        """The overrides of one job that set a varying key: what tells the job apart."""
-        return [o for o in overrides if override_key(o) in self.varying]
-
-    def child_tags(self) -> dict[str, str]:
-        tags = {"sweep.dir": self.dir}
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        return tags
 
 
 @dataclass
@@ -109,7 +78,7 @@ def run_job(cfg: DictConfig, context) -> float | None:
     stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    from fp8exp.experiment import run_experiment, run_name
+    from fp8exp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -205,8 +174,6 @@ class SweepCallback(Callback):
             sys.exit(1)
 
     def _start(self, config: DictConfig) -> None:
-        from fp8exp.experiment import git_state, interrupt_on_sigterm
-
         jobs = job_overrides(config)
         composed = validated_jobs(config, jobs) if jobs else []
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -220,9 +187,9 @@ class SweepCallback(Callback):
         self.sweep = Sweep(str(sweep_dir), None, varying_keys(jobs or []))
         self.tracking = composed[0] if composed and composed[0].tracking.name != "none" else None
         if self.tracking is not None:
-            from fp8exp import tracking
+            from fp8exp.tracking.store import check_reachable, create_run
 
-            tracking.check_reachable(self.tracking)
+            check_reachable(self.tracking)
             name = f"{config.hydra.runtime.choices.get('sweep') or 'sweep'}-{datetime.now():%Y%m%d-%H%M%S}"
             sweep_overrides = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
             tags = {
@@ -233,7 +200,7 @@ class SweepCallback(Callback):
                 "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
                 **git_state(),
             }
-            _, self.sweep.parent_run_id = tracking.start_run(self.tracking, name, tags)
+            self.sweep.parent_run_id = create_run(self.tracking, name, tags)[1].info.run_id
         self.sweep.save()
         interrupt_on_sigterm()
         atexit.register(self._end_if_cut_short)
@@ -266,8 +233,6 @@ class SweepCallback(Callback):
         if not (self.sweep and self.sweep.parent_run_id):
             return
         from mlflow.tracking import MlflowClient
-
-        from fp8exp.config import tracking_uri
 
         client = MlflowClient(tracking_uri(self.tracking))
         parent = self.sweep.parent_run_id

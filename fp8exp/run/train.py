@@ -12,23 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fp8exp.data import Splits
-
-
-class StepCallback(keras.callbacks.Callback):
-    """Counts optimizer steps across epochs (what `optimizer.iterations` holds) without
-    reading the model, which on JAX would force a device-to-host state sync."""
-
-    def __init__(self):
-        super().__init__()
-        self.step = 0
-        self._epoch_start = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self.step
-
-    def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last step of the call, also with steps_per_execution > 1.
-        self.step = self._epoch_start + batch + 1
+from fp8exp.tracking.callbacks import StepCallback
 
 
 class StepTimer(StepCallback):

@@ -1,0 +1,103 @@
+"""Is FP8 healthy, and where does it apply: warnings for scales and histories that went wrong or
+tensors that saturate or underflow, and which layers FP8 covers, by parameters and matmul FLOPs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from fp8exp.precision.probe import Capture
+from fp8exp.precision.scales import scale_variables
+
+
+@dataclass
+class Health:
+    """Findings by check, each a list of `<layer>/<tensor>`; empty means healthy."""
+
+    findings: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, check: str, where: str) -> None:
+        self.findings.setdefault(check, []).append(where)
+
+    def tags(self) -> dict[str, str]:
+        tags = {"fp8.health": "warn" if self.findings else "ok"}
+        tags.update({f"fp8.health.{check}": ", ".join(where)[:5000] for check, where in self.findings.items()})
+        return tags
+
+    def messages(self) -> list[str]:
+        explain = {
+            "scale_never_moved": "scale still at its initial 1.0 (tensor never seen, or FP8 not applied)",
+            "amax_zero": "amax history all zero (values underflowed; delayed scaling quantized them with the initial scale)",
+            "non_finite": "NaN or Inf in scale or amax history",
+            "saturation": "saturation above the warning threshold",
+            "underflow": "flush-to-zero above the warning threshold",
+        }
+        return [f"FP8 {explain[check]}: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}"
+                for check, where in self.findings.items()]
+
+
+def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold: float,
+                 sizes: dict[str, int] | None = None) -> Health:
+    """Saturation and underflow warn above `threshold` and when more than one element is hit:
+    with delayed scaling a growing tensor's single largest value clips by design."""
+    health = Health()
+    for entry in scale_variables(model):
+        where = f"{entry.layer}/{entry.tensor}"
+        scale = keras.ops.convert_to_numpy(entry.scale.value)
+        history = keras.ops.convert_to_numpy(entry.amax_history.value)
+        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(history))):
+            health.add("non_finite", where)
+            continue
+        if float(scale) == 1.0:
+            health.add("scale_never_moved", where)
+        if not np.any(history):
+            health.add("amax_zero", where)
+    for key, value in probe_metrics.items():
+        for check in ("saturation", "underflow"):
+            if key.endswith(f"_{check}"):
+                where = key[len("fp8/"):-len(f"_{check}")]
+                if value > threshold and value * (sizes or {}).get(where, math.inf) > 1:
+                    health.add(check, where)
+    return health
+
+
+def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
+    """Markdown: every layer with weights, whether FP8 covers it, its parameters and its share
+    of the model's matmul FLOPs per example (attention score matmuls included, never FP8)."""
+    quantized = set(captures)
+    rows = []
+    for layer in model._flatten_layers(include_self=False):
+        if layer._layers or not layer.weights:
+            if isinstance(layer, keras.layers.MultiHeadAttention) and layer.query_dense.path in captures:
+                _, length, heads, head_dim = captures[layer.query_dense.path].output_shape
+                rows.append((f"{layer.path} (scores QK^T and AV)", "attention matmul", "compute dtype", 0,
+                             2 * 2 * length * length * heads * head_dim))
+            continue
+        params = sum(int(np.prod(w.shape)) for w in layer.weights
+                     if not w.path.endswith(("_scale", "_amax_history")))
+        flops = 0
+        if layer.path in captures:
+            output_elements = int(np.prod(captures[layer.path].output_shape[1:]))
+            kernel = layer.kernel.shape
+            contracted = int(np.prod(kernel)) // int(np.prod(_kernel_output_dims(layer, kernel)))
+            flops = 2 * output_elements * contracted
+        rows.append((layer.path, type(layer).__name__, layer.dtype_policy.name, params, flops))
+    total_flops = sum(row[4] for row in rows) or 1
+    fp8_flops = sum(row[4] for row in rows if row[0] in quantized)
+    lines = ["| layer | type | dtype policy | params | matmul FLOPs share |", "| --- | --- | --- | ---: | ---: |"]
+    lines += [f"| {path} | {kind} | {policy} | {params:,} | {flops / total_flops:.1%} |"
+              for path, kind, policy, params, flops in rows]
+    lines.append(f"\nFP8 covers {len(quantized)} layers and {fp8_flops / total_flops:.1%} of the matmul FLOPs.")
+    return "\n".join(lines) + "\n"
+
+
+def _kernel_output_dims(layer, kernel_shape) -> list[int]:
+    """Kernel dimensions that survive into the output (the rest are contracted)."""
+    if isinstance(layer, keras.layers.EinsumDense):
+        inputs, output = layer.equation.split("->")
+        kernel_spec = inputs.split(",")[1]
+        return [size for letter, size in zip(kernel_spec, kernel_shape) if letter in output]
+    return [kernel_shape[-1]]

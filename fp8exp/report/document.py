@@ -1,0 +1,63 @@
+"""The report as files: table (Markdown and CSV), plots and notes, written into one folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fp8exp.report import inference
+from fp8exp.report.plots import plot_accuracy, plot_fp8_scales, plot_step_time
+from fp8exp.report.rows import build_rows
+from fp8exp.report.runs import BASELINE, ReportError, Source, slug
+from fp8exp.report.tables import crossover, headline, markdown_table, write_csv
+
+
+def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
+    """Write every file; returns the Markdown and the paths written."""
+    finished = [run for run in source.runs if run.status == "FINISHED" and "test/accuracy" in run.metrics]
+    left_out = [run for run in source.runs if run not in finished]
+    statuses = ", ".join(f"{sum(r.status == s for r in left_out)} {s}" for s in sorted({r.status for r in left_out}))
+    if not finished:
+        raise ReportError(f"{source.title} has no finished runs ({len(source.runs)} in all"
+                          f"{': ' + statuses if statuses else ''}); nothing to compare")
+    rows = build_rows(finished)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if not any(row.precision == BASELINE for row in rows):
+        notes.append(f"No {BASELINE} runs: accuracy deltas and speedups need the baseline; "
+                     f"add precision={BASELINE} to the sweep.")
+    if left_out:
+        notes.append(f"Left out {len(left_out)} run(s) that did not finish ({statuses}): "
+                     + ", ".join(run.name for run in left_out) + ".")
+    devices = sorted({run.device for run in finished if run.device})
+    if any(device.startswith("cpu") for device in devices):
+        notes.append("Step times were measured on a CPU, where FP8 is emulated (quantize-dequantize around a "
+                     "bfloat16 matmul): judge accuracy here, speed on a GPU with FP8 tensor cores.")
+
+    files = [out / "report.md", out / "report.csv", out / "accuracy.png", out / "step_time.png"]
+    write_csv(rows, out / "report.csv")
+    plot_accuracy(rows, out / "accuracy.png")
+    note = crossover(rows)
+    plot_step_time(rows, out / "step_time.png", note)
+    scale_plots = []
+    for row in rows:
+        path = out / f"fp8_scales_{slug(row.label)}.png"
+        if plot_fp8_scales(client, min(row.runs, key=lambda r: r.seed), path):
+            scale_plots.append(path)
+    files += scale_plots
+
+    lines = [f"# FP8 report: {source.title}", ""]
+    lines += [f"- {line}" for line in headline(rows)] or ["- nothing to compare against a baseline"]
+    if note:
+        lines.append(f"- {note}")
+    lines += ["", markdown_table(rows), ""]
+    lines += [f"> {n}" for n in notes]
+    lines += ["", "Accuracy is the test split's, mean ± sd over seeds; Δ is in percentage points, paired by seed "
+              "where both precisions ran the same seeds (t-based 95% interval). Step time is the median over seeds "
+              "of each run's median step; speedup = baseline step time / this step time.", ""]
+    if inference.has_inference(rows):  # python -m fp8exp.infer_bench ran on this sweep
+        lines += ["## Inference", "", inference.inference_table(rows), "", f"> {inference.NOTE}", ""]
+    lines += ["![accuracy](accuracy.png)", "", "![step time](step_time.png)", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in scale_plots]
+    markdown = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(markdown)
+    return markdown, files

@@ -1,0 +1,238 @@
+"""`python -m fp8exp.predict run_id=RUN_ID text="..."`: classify texts with the model a run saved.
+
+    python -m fp8exp.predict run_id=0c5e... text="a wonderful film"
+    python -m fp8exp.predict run_id=0c5e... file=reviews.txt          # one text per line
+    cat reviews.txt | python -m fp8exp.predict run_id=0c5e...         # stdin (or file=-)
+    python -m fp8exp.predict run_id=0c5e... file=a.txt file=- format=jsonl
+
+Prints one line per input: label, probability of that label and the text (tab-separated), or
+JSON lines with every class's probability (format=jsonl). The model runs in inference mode
+(training=False): FP8 scales stay as trained, nothing is calibrated. Inputs longer than the
+model's sequence length are truncated, and a note says how many. A run on synthetic data has
+no tokenizer: give token ids separated by spaces ("5 17 33").
+
+Settings (key=value):
+  run_id        the MLflow run whose model to use (required; printed at the end of every run)
+  text          a text to classify (repeatable)
+  file          a file with one text per line, `-` for stdin (repeatable); blank lines are skipped
+  tracking.uri  the MLflow store, the runner's key (default: sqlite:///<current dir>/mlflow.db, as
+                fp8exp uses; `tracking_uri` is accepted too)
+  format        tsv (default) | jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROG = "fp8exp.predict"
+KEYS = ("run_id", "text", "file", "tracking.uri", "format")
+# Other spellings of a key: the one these commands used before they took the runner's.
+ALIASES = {"tracking_uri": "tracking.uri"}
+REPEATABLE = ("text", "file")
+FORMATS = ("tsv", "jsonl")
+ECHO_CHARS = 60
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit 2."""
+
+
+@dataclass
+class Args:
+    run_id: str = ""
+    texts: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None
+    format: str = "tsv"
+
+
+def parse_settings(argv: list[str], keys=KEYS, repeatable=REPEATABLE) -> dict[str, list[str]]:
+    """`key=value` words -> {key: [values]}; unknown keys and missing `=` are errors."""
+    settings: dict[str, list[str]] = {}
+    for word in argv:
+        key, sep, value = word.partition("=")
+        key = key.strip().lstrip("-")
+        key = ALIASES.get(key, key)
+        if not sep:
+            raise UsageError(f"expected key=value, got {word!r}; valid keys: {', '.join(keys)}")
+        if key not in keys:
+            raise UsageError(f"unknown setting {key!r}; valid keys: {', '.join(keys)}")
+        if key in settings and key not in repeatable:
+            raise UsageError(f"{key} given twice")
+        settings.setdefault(key, []).append(value)
+    return settings
+
+
+def read_lines(name: str, stdin) -> list[str]:
+    if name == "-":
+        return [line.rstrip("\r\n") for line in stdin]
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UsageError(f"file: {name} does not exist" if not path.exists() else f"file: {name} is not a file")
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def parse_args(argv: list[str], stdin=None) -> Args:
+    """Everything checkable without Keras or MLflow, including reading the input."""
+    stdin = sys.stdin if stdin is None else stdin
+    settings = parse_settings(argv)
+    args = Args()
+    run_id = settings.get("run_id", [""])[0].strip()
+    if not run_id:
+        raise UsageError("run_id is required: the MLflow run whose model to use (fp8exp prints it after each run)")
+    args.run_id = run_id
+    args.tracking_uri = settings.get("tracking.uri", [None])[0] or None
+    args.format = settings.get("format", ["tsv"])[0]
+    if args.format not in FORMATS:
+        raise UsageError(f"format: got {args.format!r}; valid: {', '.join(FORMATS)}")
+
+    for text in settings.get("text", []):
+        if not text.strip():
+            raise UsageError("text is empty; give the text to classify, e.g. text=\"a wonderful film\"")
+        args.texts.append(text)
+    files = settings.get("file", [])
+    if not settings.get("text") and not files:
+        if stdin is None or stdin.isatty():
+            raise UsageError('nothing to classify: give text="...", file=PATH (one text per line), or pipe texts on stdin')
+        files = ["-"]
+    for name in files:
+        lines = [line for line in read_lines(name, stdin) if line.strip()]
+        if not lines:
+            raise UsageError(f"{'stdin' if name == '-' else 'file: ' + name} has no text to classify (empty)")
+        args.texts.extend(lines)
+    return args
+
+
+# ---------------------------------------------------------------- the run's model
+
+
+def store_uri(tracking_uri: str | None) -> str:
+    uri = tracking_uri or f"sqlite:///{os.path.join(os.getcwd(), 'mlflow.db')}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UsageError(f"no MLflow store at {uri}; run from the directory you trained in, or pass tracking.uri=")
+    return uri
+
+
+def model_dir(run_id: str, tracking_uri: str | None, scratch: Path) -> tuple[Path, str]:
+    """The run's saved model directory on this machine (downloaded into `scratch` unless the
+    artifact store is local) and a description of the run for messages. Needs MLflow only."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from fp8exp.serve import pyfunc as serving
+
+    uri = store_uri(tracking_uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UsageError(f"no run {run_id!r} in the store at {uri}") from None
+    name = f"run {run_id} ({run.info.run_name}, {run.info.status})"
+    saved = {artifact.path for artifact in client.list_artifacts(run_id, serving.ARTIFACT_PATH)}
+    if f"{serving.ARTIFACT_PATH}/artifacts" not in saved:
+        why = "it ended before saving" if run.info.status != "FINISHED" else \
+            "it ran with tracking.save_model=false or before fp8exp saved models"
+        raise UsageError(f"{name} has no saved model ({why}); train again with tracking.save_model=true")
+    artifact_uri = run.info.artifact_uri
+    if artifact_uri.startswith("file:"):
+        local = Path(unquote(urlparse(artifact_uri).path)) / serving.ARTIFACT_PATH
+        if local.is_dir():
+            return local, name
+    path = client.download_artifacts(run_id, serving.ARTIFACT_PATH, str(scratch))
+    return Path(path), name
+
+
+def check_files(directory: Path, name: str) -> dict:
+    """Metadata and the model file's outline, before Keras loads (and TensorFlow starts)."""
+    import zipfile
+
+    from fp8exp.serve import pyfunc as serving
+
+    files = directory / "artifacts"
+    try:
+        meta = serving.read_meta(files / serving.META_FILE)
+    except serving.ModelFileError as error:
+        raise UsageError(f"{name}: {error}".replace(str(directory), "model")) from None
+    keras_file = files / serving.KERAS_FILE
+    try:
+        with zipfile.ZipFile(keras_file) as archive:
+            members = set(archive.namelist())
+            damaged = archive.testzip()
+    except FileNotFoundError:
+        raise UsageError(f"{name}: model/artifacts/{serving.KERAS_FILE} is missing") from None
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UsageError(f"{name}: model/artifacts/{serving.KERAS_FILE} is corrupt ({error})") from None
+    if damaged or not {"config.json", "model.weights.h5"} <= members:
+        raise UsageError(f"{name}: model/artifacts/{serving.KERAS_FILE} is corrupt "
+                         f"({'bad CRC in ' + damaged if damaged else 'not a Keras model file'})")
+    return meta
+
+
+def load(run_id: str, tracking_uri: str | None, scratch: Path):
+    """(TextClassifier, run description); UsageError for anything a user can fix."""
+    directory, name = model_dir(run_id, tracking_uri, scratch)
+    check_files(directory, name)
+    import fp8exp  # noqa: F401  (the Keras backend)
+    from fp8exp.serve import pyfunc as serving
+
+    try:
+        return serving.TextClassifier.load(directory), name
+    except serving.ModelFileError as error:
+        raise UsageError(f"{name}: {error}".replace(str(directory), "model")) from None
+
+
+# ---------------------------------------------------------------- output
+
+
+def one_line(text: str, limit: int = ECHO_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def write(predictions, texts: list[str], class_names: list[str], fmt: str, out) -> None:
+    for index, text in enumerate(texts):
+        label, probability = predictions.labels[index], float(predictions.probability[index])
+        if fmt == "jsonl":
+            every = {name: round(float(p), 6) for name, p in zip(class_names, predictions.probabilities[index])}
+            out.write(json.dumps({"text": text, "label": label, "probability": round(probability, 6),
+                                  "probabilities": every}) + "\n")
+        else:
+            out.write(f"{label}\t{probability:.4f}\t{one_line(text)}\n")
+
+
+def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = out or sys.stdout
+    if any(word in ("-h", "--help", "help") for word in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        args = parse_args(argv, stdin)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fp8exp-predict-") as scratch:
+            classifier, name = load(args.run_id, args.tracking_uri, Path(scratch))
+            from fp8exp.serve.pyfunc import InputError
+
+            try:
+                predictions = classifier.classify(args.texts)
+            except InputError as error:
+                raise UsageError(str(error)) from None
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    write(predictions, args.texts, classifier.class_names, args.format, out)
+    if predictions.truncated:
+        print(f"{PROG}: note: {predictions.truncated} of {len(args.texts)} inputs were longer than the model's "
+              f"{classifier.sequence_length} tokens and were truncated", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

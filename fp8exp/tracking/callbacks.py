@@ -1,0 +1,85 @@
+"""Keras callbacks that observe training for the tracker: the optimizer step every observer
+shares, epoch metrics, and the FP8 scaling state at log points. They only read; on JAX a
+callback that touches `self.model` forces a device-to-host sync, so that happens only at
+log points."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import keras
+
+from fp8exp.precision.scales import scale_variables, state_metrics
+
+
+class StepCallback(keras.callbacks.Callback):
+    """Counts optimizer steps across epochs (what `optimizer.iterations` holds) without
+    reading the model, which on JAX would force a device-to-host state sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+        self._epoch_start = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the last step of the call, also with steps_per_execution > 1.
+        self.step = self._epoch_start + batch + 1
+
+
+def metric_key(keras_key: str) -> str:
+    """Keras epoch-log keys -> the prefixes the MLflow UI groups charts by: `val_loss` -> `val/loss`."""
+    return "val/" + keras_key[len("val_"):] if keras_key.startswith("val_") else "train/" + keras_key
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """`train/*` and `val/*` metrics at the end of every epoch (step = epoch number, from 1)."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.log_metrics({metric_key(k): v for k, v in (logs or {}).items()}, step=epoch + 1)
+        self.run.flush()
+
+
+class Fp8StateLogger(StepCallback):
+    """Sends FP8 state to `sink(metrics, step)` every `every` optimizer steps and at the end.
+
+    On JAX, `self.model` copies the training state back into the Keras variables, so it is
+    touched only at log points, which are listed in `logged_steps` for the step timer to skip.
+    """
+
+    def __init__(self, every: int, sink: Callable[[dict[str, float], int], None], probe=None):
+        super().__init__()
+        self.every = every
+        self.sink = sink
+        self.probe = probe
+        """Optional object whose `metrics()` adds probe-batch diagnostics at each log point."""
+        self.probe_metrics: dict[str, float] = {}
+        self.probe_seconds = 0.0
+        self.logged_steps: list[int] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        last = self.logged_steps[-1] if self.logged_steps else 0
+        if self.step // self.every > last // self.every:
+            self._log()
+
+    def on_train_end(self, logs=None):
+        if not self.logged_steps or self.logged_steps[-1] != self.step:
+            self._log()
+
+    def _log(self):
+        metrics = state_metrics(scale_variables(self.model))
+        if self.probe is not None:
+            started = time.perf_counter()
+            self.probe_metrics = self.probe.metrics()
+            self.probe_seconds += time.perf_counter() - started
+            metrics.update(self.probe_metrics)
+        self.sink(metrics, self.step)
+        self.logged_steps.append(self.step)

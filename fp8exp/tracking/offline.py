@@ -1,0 +1,152 @@
+"""Deliver runs that a tracking server could not take.
+
+A run whose server went away for good mid-run (or was unreachable at start, with
+tracking.required=false) is written whole into a local SQLite store, the offline store
+(`tracking.offline_uri`, default `sqlite:///<launch dir>/mlflow-offline.db`), tagged
+`fp8exp.sync.status=pending` with the server it was meant for. When the server is back:
+
+    python -m fp8exp.tracking_sync [--from sqlite:///mlflow-offline.db] [--to http://host:5000]
+
+tops up the server's copy of each pending run (the same run id, when the server has the part it
+received before the outage; a new run otherwise) with the params, tags, metric values and
+artifacts it lacks, sets its final status, and marks the offline copy `done`. Running it twice
+sends nothing twice: metric values are matched by (key, step, timestamp, value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+SYNC_TAGS = ("fp8exp.sync.status", "fp8exp.sync.target_uri", "fp8exp.sync.remote_run_id")
+METRIC_LIMIT = 1000
+PARAM_LIMIT = 100
+
+
+def write_offline(journal, status: str, end_time: int, uri: str, remote_uri: str, remote_run_id: str | None) -> str:
+    """Write everything `journal` holds as a run of the offline store at `uri`; returns its id."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from fp8exp.tracking.store import ensure_experiment, offline_artifact_root
+
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, journal.experiment, offline_artifact_root(uri))
+    tags = {**journal.tags, "fp8exp.sync.status": "pending", "fp8exp.sync.target_uri": remote_uri}
+    if remote_run_id:
+        tags["fp8exp.sync.remote_run_id"] = remote_run_id
+    run_id = client.create_run(experiment_id, start_time=journal.start_time, run_name=journal.run_name).info.run_id
+    _log_batches(client, run_id, params=[Param(k, v) for k, v in journal.params.items()],
+                 tags=[RunTag(k, v) for k, v in tags.items()], metrics=journal.metrics)
+    for artifact_file, text in journal.texts.items():
+        client.log_text(run_id, text, artifact_file)
+    for artifact_dir, path in journal.files.items():
+        if artifact_dir.endswith("/") and Path(path).is_dir():
+            client.log_artifacts(run_id, path, artifact_dir.rstrip("/"))
+        elif Path(path).is_file():
+            client.log_artifact(run_id, path, artifact_dir)
+    client.set_terminated(run_id, status, end_time)
+    return run_id
+
+
+def _log_batches(client, run_id: str, params=(), tags=(), metrics=()) -> None:
+    params, tags, metrics = list(params), list(tags), list(metrics)
+    for start in range(0, len(params), PARAM_LIMIT):
+        client.log_batch(run_id, params=params[start:start + PARAM_LIMIT])
+    for start in range(0, len(tags), PARAM_LIMIT):
+        client.log_batch(run_id, tags=tags[start:start + PARAM_LIMIT])
+    for start in range(0, len(metrics), METRIC_LIMIT):
+        client.log_batch(run_id, metrics=metrics[start:start + METRIC_LIMIT])
+
+
+def _metric_id(metric) -> tuple:
+    value = "nan" if math.isnan(metric.value) else metric.value
+    return metric.key, metric.step, metric.timestamp, value
+
+
+def sync_run(source, run, target_uri: str) -> tuple[str, int]:
+    """Top up (or create) the target's copy of the offline `run`; returns (target run id,
+    metric values sent)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from fp8exp.tracking.store import ensure_experiment
+
+    target = MlflowClient(target_uri)
+    tags = run.data.tags
+    remote_id = tags.get("fp8exp.sync.remote_run_id")
+    remote = None
+    if remote_id:
+        try:
+            remote = target.get_run(remote_id)
+        except MlflowException:
+            remote = None
+    if remote is None:
+        experiment = source.get_experiment(run.info.experiment_id).name
+        experiment_id = ensure_experiment(target, experiment, None)
+        remote = target.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name)
+    remote_id = remote.info.run_id
+
+    params = [Param(k, v) for k, v in run.data.params.items() if k not in remote.data.params]
+    new_tags = [RunTag(k, v) for k, v in tags.items() if k not in SYNC_TAGS and remote.data.tags.get(k) != v]
+    metrics = []
+    for key in run.data.metrics:
+        have = {_metric_id(m) for m in target.get_metric_history(remote_id, key)}
+        metrics += [m for m in source.get_metric_history(run.info.run_id, key) if _metric_id(m) not in have]
+    _log_batches(target, remote_id, params=params, tags=new_tags, metrics=metrics)
+    with tempfile.TemporaryDirectory(prefix="fp8exp-sync-") as tmp:
+        if source.list_artifacts(run.info.run_id):
+            local = source.download_artifacts(run.info.run_id, "", tmp)
+            target.log_artifacts(remote_id, local)
+    target.set_terminated(remote_id, run.info.status, run.info.end_time)
+    source.set_tag(run.info.run_id, "fp8exp.sync.remote_run_id", remote_id)
+    source.set_tag(run.info.run_id, "fp8exp.sync.status", "done")
+    return remote_id, len(metrics)
+
+
+def sync(source_uri: str, target_uri: str | None = None, out=sys.stdout) -> int:
+    """Deliver every pending run of `source_uri`; returns how many could not be delivered."""
+    from mlflow.tracking import MlflowClient
+
+    source = MlflowClient(source_uri)
+    experiments = [e.experiment_id for e in source.search_experiments()]
+    pending = source.search_runs(experiments, "tags.`fp8exp.sync.status` = 'pending'") if experiments else []
+    if not pending:
+        print(f"fp8exp.tracking_sync: nothing pending in {source_uri}", file=out)
+        return 0
+    failed = 0
+    for run in pending:
+        target = target_uri or run.data.tags["fp8exp.sync.target_uri"]
+        try:
+            remote_id, sent = sync_run(source, run, target)
+        except Exception as error:  # noqa: BLE001  (one unreachable target does not stop the others)
+            failed += 1
+            print(f"  {run.info.run_id} {run.info.run_name}: NOT delivered to {target}: "
+                  f"{str(error).splitlines()[0][:200]}", file=out)
+            continue
+        print(f"  {run.info.run_id} {run.info.run_name}: delivered to {target} as run {remote_id} "
+              f"({sent} metric values, status {run.info.status})", file=out)
+    print(f"fp8exp.tracking_sync: {len(pending) - failed} of {len(pending)} pending runs delivered", file=out)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fp8exp.tracking_sync", description=__doc__.split("\n\n")[0])
+    default = f"sqlite:///{os.path.join(os.getcwd(), 'mlflow-offline.db')}"
+    parser.add_argument("--from", dest="source", default=default, help=f"offline store (default: {default})")
+    parser.add_argument("--to", dest="target", default=None,
+                        help="tracking server (default: the one each run was meant for)")
+    args = parser.parse_args(argv)
+    if args.source.startswith("sqlite:///") and not Path(args.source[len("sqlite:///"):]).is_file():
+        print(f"fp8exp.tracking_sync: error: no offline store at {args.source}", file=sys.stderr)
+        return 2
+    return 1 if sync(args.source, args.target) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
