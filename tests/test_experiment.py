@@ -74,9 +74,27 @@ def test_float8_logs_scale_and_amax_for_every_quantized_layer(runs):
             assert f"fp8/{layer}/{tensor}_amax" in metrics
     scales = {k: v for k, v in metrics.items() if k.endswith("_scale")}
     assert any(value != 1.0 for value in scales.values()), "no FP8 scale moved from its initial 1.0"
-    # Logged every 8 optimizer steps and at the end: 512/32 = 16 steps per epoch, 2 epochs.
-    history = client.get_metric_history(run_id, "fp8/head/kernel_scale")
-    assert [m.step for m in history] == [8, 16, 24, 32]
+    # Logged every 8 optimizer steps and at the end: 512/32 = 16 steps per epoch, 2 epochs. Each
+    # scale is logged at the step that quantizes with it, the one after it was computed.
+    assert [m.step for m in client.get_metric_history(run_id, "fp8/head/kernel_amax")] == [8, 16, 24, 32]
+    assert [m.step for m in client.get_metric_history(run_id, "fp8/head/kernel_scale")] == [9, 17, 25, 33]
+
+
+@pytest.mark.slow
+def test_each_fp8_scale_is_logged_at_the_step_that_used_it(store):
+    """With a one-step history, the scale step k quantizes with is the amax of step k-2 over the
+    format's max: Keras computes it at step k-1 from the history before that step's amax."""
+    cfg = tracked(store, "precision=float8", "precision.amax_history_length=1", "trainer.epochs=1",
+                  "trainer.steps_per_epoch=6", "tracking.fp8_log_every=1", "tracking.fp8_probe=false",
+                  "tracking.fp8_gemm_check=false", "tracking.save_model=false", "tracking.experiment=scale-steps")
+    run_id = run_experiment(cfg).run_id
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    for tensor, fp8_max in (("inputs", 448.0), ("kernel", 448.0), ("outputs_grad", 57344.0)):
+        scale = {m.step: m.value for m in client.get_metric_history(run_id, f"fp8/dense/{tensor}_scale")}
+        amax = {m.step: m.value for m in client.get_metric_history(run_id, f"fp8/dense/{tensor}_amax")}
+        assert sorted(scale) == [2, 3, 4, 5, 6, 7] and sorted(amax) == [1, 2, 3, 4, 5, 6]
+        for step in range(3, 8):
+            assert scale[step] * fp8_max == pytest.approx(amax[step - 2], rel=1e-5), (tensor, step)
 
 
 def test_float8_run_records_gemm_verdict_health_and_layer_table(runs):
@@ -128,6 +146,9 @@ def test_tracking_none_trains_without_a_store(tmp_path, monkeypatch, capsys):
 
 def test_step_timer_skips_compilation_and_disturbed_steps():
     timer = train.StepTimer()
-    timer.calls = [(1, 1, 5.0), (2, 1, 0.010), (3, 1, 0.020), (4, 1, 0.900), (5, 1, 0.030), (6, 2, 0.080)]
-    # Call 1 compiles; step 3 was a log point, so calls ending at 3 and 4 are left out.
+    timer.calls = [train.Call(step, steps, seconds, compiled) for step, steps, seconds, compiled in [
+        (1, 1, 5.0, True), (2, 1, 0.010, False), (3, 1, 0.020, False), (4, 1, 0.900, False), (5, 1, 0.030, False),
+        (7, 2, 0.080, False), (8, 1, 2.0, True)]]
+    # Calls 1 and 8 compiled; step 3 was a log point, so calls ending at 3 and 4 are left out.
     assert list(timer.step_times(disturbed_steps=[3])) == [0.010, 0.030, 0.040]
+    assert timer.compile_seconds == 7.0

@@ -38,7 +38,11 @@ def state_size(model: keras.Model) -> int:
 
 
 def state_metrics(entries: list[ScaleVariables]) -> dict[str, float]:
-    """`fp8/<layer>/<tensor>_scale` and `..._amax` (the max over the amax history window)."""
+    """`fp8/<layer>/<tensor>_scale` and `..._amax` (the max over the amax history window) as the
+    variables hold them after a step. Keras' delayed scaling computes a step's new scale from the
+    history *before* adding that step's amax, and quantizes with the scale stored at the step
+    before: after step N the scale variable holds the scale step N+1 quantizes with, computed from
+    the amaxes of steps up to N-1, while the history already holds step N's amax."""
     metrics = {}
     for entry in entries:
         scale = float(keras.ops.convert_to_numpy(entry.scale.value))

@@ -152,6 +152,14 @@ def restore(model: keras.Model, state: TrainingState, metrics: bool) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def restore_untrained(model: keras.Model, state: TrainingState) -> None:
+    """Restore into a model that will not train in this process (its checkpoint is at the last
+    step): Keras builds the optimizer only when training starts, so build it first, giving every
+    saved variable a place. The running metrics are not needed: an ended epoch reset them."""
+    model.optimizer.build(model.trainable_variables)
+    restore(model, state, metrics=False)
+
+
 class Restore(keras.callbacks.Callback):
     """Puts a checkpoint's state into the model at the first epoch's start: Keras has built the
     optimizer and metrics and reset the metrics by then, and on JAX reads the variables into the

@@ -25,7 +25,7 @@ from fp8exp.run import checkpoint, distribution, stopping, train
 from fp8exp.run.launch import LaunchContext, git_state, run_name
 from fp8exp.run.resume import config_hash, find_resume
 from fp8exp.serve.save import log_model
-from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger
+from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger, Heartbeat, process_tags
 from fp8exp.tracking.context import open_run
 from fp8exp.tracking.store import check_reachable, ui_command
 
@@ -54,6 +54,7 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
         "device": f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
         **{f"version.{name}": metadata.version(name) for name in ("fp8exp", "keras", "keras-hub", "jax")},
         **git_state(),
+        **process_tags(),
     }
     if context.output_dir:
         tags["hydra.output_dir"] = context.output_dir
@@ -129,8 +130,14 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                                                    stop, save)
             checkpointer.start_at(start_step)
             guard = stopping.NonFiniteGuard(lambda: checkpointer.last_saved)
-            callbacks = [checkpoint.Restore(resume.state)] if resume else []
-            callbacks.append(EpochLogger(run))
+            if resume and start_step >= steps * cfg.trainer.epochs:
+                # Stopped after its last step (during the final validation, say): nothing is left
+                # to train, so the state goes in now, then evaluation, logging and saving follow.
+                checkpoint.restore_untrained(net, resume.state)
+                callbacks = []
+            else:
+                callbacks = [checkpoint.Restore(resume.state)] if resume else []
+            callbacks += [EpochLogger(run), Heartbeat(run)]
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
@@ -138,7 +145,11 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                     if cfg.tracking.fp8_probe else None
 
                 def fp8_sink(metrics, step):
-                    run.log_metrics(metrics, step)
+                    # Each scale is logged at the step that quantizes with it (one after the step
+                    # that computed it; see scales.state_metrics), the amaxes and probe at this one.
+                    scales = {key: value for key, value in metrics.items() if key.endswith("_scale")}
+                    run.log_metrics({key: value for key, value in metrics.items() if key not in scales}, step)
+                    run.log_metrics(scales, step + 1)
                     guard.check_fp8_metrics(metrics, step)
 
                 fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
@@ -178,8 +189,11 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
     (scales, histories, probe), and which layers it covers. Returns metrics to log."""
     metrics = report_fp8_gemm(run, net, splits, cfg) if cfg.tracking.fp8_gemm_check else {}
     if logger is not None and logger.probe is not None:
-        health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction,
-                                         logger.probe.sizes)
+        if not logger.probe.captures:  # no log point in this process: it resumed at its last step
+            started = time.perf_counter()
+            logger.probe_metrics = logger.probe.metrics()
+            logger.probe_seconds += time.perf_counter() - started
+        health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction, logger.probe.sizes)
         for message in health.messages():
             log.warning(message)
         run.set_tags(health.tags())

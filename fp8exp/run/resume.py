@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fp8exp.config import ConfigError, tracking_uri
 from fp8exp.run.checkpoint import ARTIFACT, CheckpointError, TrainingState, read
 from fp8exp.tracking import redact
+from fp8exp.tracking.callbacks import HEARTBEAT_TAG, HOST_TAG, PID_TAG
 from fp8exp.tracking.run import flatten
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,34 @@ def _checkpointed_candidates(client, cfg: DictConfig) -> list:
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`fp8exp.config_hash` = '{config_hash(cfg)}'",
                               order_by=["attributes.start_time DESC"], max_results=50)
-    return [run for run in runs if run.info.status in RESUMABLE and "checkpoint.step" in run.data.tags
-            and run.data.tags.get("failure.reason") != "non_finite"]
+    runs = [run for run in runs if "checkpoint.step" in run.data.tags and run.data.tags.get("failure.reason") != "non_finite"]
+    resumable = []
+    for run in runs:
+        if run.info.status == "RUNNING" and process_gone(run, cfg.trainer.stale_after_s):
+            why = (f"process gone (pid {run.data.tags.get(PID_TAG, '?')} on {run.data.tags.get(HOST_TAG, '?')}, "
+                   f"last heartbeat {run.data.tags.get(HEARTBEAT_TAG, 'never')})")
+            log.warning("Run %s is RUNNING but its %s: marking it KILLED", run.info.run_id, why)
+            client.set_tag(run.info.run_id, "killed.reason", why)
+            client.set_terminated(run.info.run_id, "KILLED")
+            run = client.get_run(run.info.run_id)
+        if run.info.status in RESUMABLE:
+            resumable.append(run)
+    return resumable
+
+
+def process_gone(run, stale_after_s: float) -> bool:
+    """A RUNNING run nobody runs any more: its process on this host is not alive, or its last
+    heartbeat (or its start, if it never beat) is older than `stale_after_s`."""
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+        try:
+            os.kill(int(tags[PID_TAG]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+    last = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
+    return time.time() - last > stale_after_s
 
 
 def find_resume(cfg: DictConfig) -> Resume | None:
@@ -80,7 +109,7 @@ def find_resume(cfg: DictConfig) -> Resume | None:
         key = "trainer.resume"
         candidates = _checkpointed_candidates(client, cfg)
         if not candidates:
-            log.info("trainer.resume: no KILLED or FAILED run of this config with a checkpoint in "
+            log.info("trainer.resume: no KILLED or FAILED run (or RUNNING one whose process is gone) of this config with a checkpoint in "
                      "experiment '%s'; starting a new run", cfg.tracking.experiment)
             return None
         run = candidates[0]

@@ -7,12 +7,40 @@ import sys
 import time
 from dataclasses import dataclass
 
+import jax
 import keras
 import numpy as np
 from omegaconf import DictConfig
 
 from fp8exp.data import Splits
 from fp8exp.tracking.callbacks import StepCallback
+
+
+def _count_compilations() -> list[int]:
+    """A counter JAX bumps whenever it traces or compiles a program (jax.monitoring events), so a
+    timed call can tell that it compiled: the first call, and any later one with a new shape."""
+    counter = [0]
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event.startswith("/jax/core/compile/"):
+            counter[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return counter
+
+
+COMPILATIONS = _count_compilations()
+
+
+@dataclass
+class Call:
+    """One training call: the optimizer step it ended at, how many steps it ran, its wall time,
+    and whether JAX compiled during it (then it measures the compiler, not a step)."""
+
+    step: int
+    steps: int
+    seconds: float
+    compiled: bool
 
 
 class StepTimer(StepCallback):
@@ -22,29 +50,37 @@ class StepTimer(StepCallback):
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[int, int, float]] = []  # (last step, steps in call, seconds)
+        self.calls: list[Call] = []
         self._started = 0.0
+        self._compilations = 0
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._compilations = COMPILATIONS[0]
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         elapsed = time.perf_counter() - self._started
         previous = self.step
         super().on_train_batch_end(batch, logs)
-        self.calls.append((self.step, self.step - previous, elapsed))
+        compiled = not self.calls or COMPILATIONS[0] != self._compilations
+        self.calls.append(Call(self.step, self.step - previous, elapsed, compiled))
 
     def step_times(self, disturbed_steps=()) -> np.ndarray:
-        """Seconds per optimizer step, leaving out the first call (tracing and compilation),
-        the calls that ended at a disturbed step (a callback read the model there) and the
-        calls right after them (which re-gather the model state)."""
+        """Seconds per optimizer step, leaving out every call that compiled (the first, and a
+        partial last batch's new shape), the calls that ended at a disturbed step (a callback
+        read the model there) and the calls right after them (which re-gather the model state)."""
         disturbed = set(disturbed_steps)
         times = []
-        for index, (step, steps, seconds) in enumerate(self.calls):
-            if index == 0 or step in disturbed or self.calls[index - 1][0] in disturbed:
+        for index, call in enumerate(self.calls):
+            if call.compiled or call.step in disturbed or (index and self.calls[index - 1].step in disturbed):
                 continue
-            times.append(seconds / steps)
+            times.append(call.seconds / call.steps)
         return np.asarray(times)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time of the calls that compiled."""
+        return sum(call.seconds for call in self.calls if call.compiled)
 
 
 @dataclass
@@ -113,11 +149,17 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
     for callback in callback_list.callbacks:
         if isinstance(callback, StepCallback):
             callback.step = start_step
+    # Begun here, so that on_train_end always has its begin: also when a run resumed at its last
+    # step has no epoch left to train.
+    callback_list.on_train_begin()
     first_epoch, done_in_first = divmod(start_step, steps)
     for epoch in range(first_epoch, trainer.epochs):
         order = epoch_order(len(splits.y_train), trainer, epoch)
         if epoch == first_epoch:
             order = order[done_in_first * trainer.batch_size:]
+        # This fit's real batch count: the step count caps Keras' end step with it, and the
+        # progress bar of a resumed epoch counts what is left.
+        callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size)})
         model.fit(
             splits.x_train[order], splits.y_train[order],
             validation_data=(splits.x_val, splits.y_val),
@@ -145,7 +187,7 @@ def perf_metrics(result: TrainResult, batch_size: int, sequence_length: int,
     times = result.timer.step_times(disturbed_steps)
     metrics = {"perf/peak_rss_mb": peak_rss_mb()}
     if result.timer.calls:
-        metrics["perf/compile_s"] = result.timer.calls[0][2]
+        metrics["perf/compile_s"] = result.timer.compile_seconds
     if len(times):
         median = float(np.median(times))
         metrics.update({

@@ -5,6 +5,8 @@ log points."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Callable
 
@@ -26,13 +28,48 @@ class StepCallback(keras.callbacks.Callback):
         self._epoch_start = self.step
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last step of the call, also with steps_per_execution > 1.
-        self.step = self._epoch_start + batch + 1
+        # `batch` is the last step of the call with steps_per_execution > 1, except that Keras
+        # reports `begin + steps_per_execution - 1` for an epoch's short last call too: the
+        # epoch's batch count (`params["steps"]`) caps it at the steps that really ran.
+        batches = (self.params or {}).get("steps")
+        self.step = self._epoch_start + (batch + 1 if batches is None else min(batch + 1, batches))
 
 
 def metric_key(keras_key: str) -> str:
     """Keras epoch-log keys -> the prefixes the MLflow UI groups charts by: `val_loss` -> `val/loss`."""
     return "val/" + keras_key[len("val_"):] if keras_key.startswith("val_") else "train/" + keras_key
+
+
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = "fp8exp.host", "fp8exp.pid", "fp8exp.heartbeat"
+HEARTBEAT_S = 60.0
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs the run: with the heartbeat, how trainer.resume tells a run that is
+    training from one whose process was killed without a word."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: f"{time.time():.0f}"}
+
+
+class Heartbeat(keras.callbacks.Callback):
+    """Tag `fp8exp.heartbeat` (Unix seconds) at most every HEARTBEAT_S while training or validating:
+    one tag write a minute, no model read."""
+
+    def __init__(self, run, every_s: float = HEARTBEAT_S):
+        super().__init__()
+        self.run = run
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def _beat(self) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.run.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._beat()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._beat()
 
 
 class EpochLogger(keras.callbacks.Callback):
