@@ -34,6 +34,16 @@ def main(out: str) -> None:
         run("distribution=data_parallel", "trainer.batch_size=30")
     except ConfigError as error:
         results["uneven_batch_error"] = str(error)
+    import fp8exp.data
+
+    def no_data(config):
+        raise AssertionError("the data loaded before the mesh was checked")
+
+    fp8exp.data.load = no_data
+    try:  # the default mesh [1, 4] cannot shard the tiny model's 2 heads
+        run("distribution=model_parallel")
+    except ConfigError as error:
+        results["indivisible_error"] = str(error)
     with open(out, "w") as handle:
         json.dump(results, handle)
 

@@ -49,6 +49,14 @@ def test_uneven_batch_is_a_clear_error(four_devices):
                                                   "devices of the batch axis; use a multiple of 4")
 
 
+@pytest.mark.slow
+def test_a_model_axis_that_does_not_divide_the_heads_is_a_clear_error_before_data_loads(four_devices):
+    # tests/multidevice.py makes loading the data fail: the check comes first.
+    assert four_devices["indivisible_error"] == (
+        "distribution.mesh_shape: the model axis has 4 devices, but model.num_heads=2 does not divide by 4; "
+        "use a model axis of 1 or 2 (distribution.mesh_shape=[batch, model]) or a model.num_heads that 4 divides")
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["distribution=data_parallel", "distribution.mesh_shape=[2,2]"], "distribution.mesh_shape"),
     (["distribution=model_parallel", "distribution.mesh_shape=[2]"], "distribution.mesh_shape"),

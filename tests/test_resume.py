@@ -86,3 +86,38 @@ def test_a_running_run_elsewhere_is_gone_only_once_its_heartbeat_is_stale(tmp_pa
     assert process_gone(client.get_run(run.info.run_id), stale_after_s=600)
     client.set_tag(run.info.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
     assert not process_gone(client.get_run(run.info.run_id), stale_after_s=600)
+
+
+def offline(tmp_path, port: int, *overrides: str):
+    return tracked(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "tracking.required=false",
+                   f"tracking.offline_uri=sqlite:///{tmp_path / 'offline.db'}", "tracking.save_model=false",
+                   "tracking.experiment=offline-resume", *overrides)
+
+
+@pytest.mark.slow
+def test_resume_with_the_server_down_continues_the_offline_copy_or_refuses(tmp_path, monkeypatch):
+    from fp8exp.config import ConfigError
+    from tests.servers import free_port
+
+    port = free_port()  # nothing listens there: the server is down
+    with pytest.raises(ConfigError, match="trainer.resume: the tracking server .* is unreachable and the offline store"):
+        run_experiment(offline(tmp_path, port, "trainer.resume=true"))
+
+    def stop_at_step_12(self, batch, logs=None):
+        super(checkpoint.Checkpointer, self).on_train_batch_end(batch, logs)
+        if self._due():
+            self._save()
+        if self.step == 12:
+            raise stopping.Interrupted(signal.SIGTERM, self.step, self.last_saved)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "on_train_batch_end", stop_at_step_12)
+    with pytest.raises(stopping.Interrupted) as stopped:
+        run_experiment(offline(tmp_path, port, "trainer.checkpoint_every=8"))
+    monkeypatch.undo()
+
+    outcome = run_experiment(offline(tmp_path, port, "trainer.checkpoint_every=8", "trainer.resume=true"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'offline.db'}")
+    run = client.get_run(outcome.run_id)
+    assert outcome.run_id == stopped.value.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resume.count"] == "1" and run.data.tags["fp8exp.sync.status"] == "pending"
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "val/loss")] == [1, 2]

@@ -70,6 +70,8 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.validation_fraction + cfg.data.test_fraction >= 1.0:
             raise ConfigError("data.test_fraction", "data.validation_fraction + data.test_fraction "
                               "must leave some data for training (sum below 1)")
+    if cfg.data.name == "imdb":
+        _positive(cfg, "data.max_download_bytes", optional=True)
     if cfg.data.name == "synthetic":
         _positive(cfg, "data.num_train", "data.num_validation", "data.num_test", "data.signal_tokens")
         if cfg.data.num_classes < 2:
@@ -90,6 +92,7 @@ def validate(cfg: DictConfig) -> None:
 
     _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
     _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.checkpoint_every", optional=True)
+    _positive(cfg, "trainer.stale_after_s")
     if (cfg.trainer.resume or cfg.trainer.resume_from) and cfg.tracking.name == "none":
         key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
         raise ConfigError(key, "needs tracking=mlflow: checkpoints live in the MLflow run")

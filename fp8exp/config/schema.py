@@ -63,6 +63,9 @@ class ImdbDataConfig(TextDataConfig):
     url: str = IMDB_URL
     """Where aclImdb_v1.tar.gz is downloaded from (a mirror works)."""
     sha256: str = IMDB_SHA256
+    max_download_bytes: Optional[int] = 1 << 30
+    """Most bytes data.url may send (the real archive is 84 MB); extraction stops at 4x this much
+    unpacked. Guards the disk against a wrong URL or a decompression bomb; null = no limit."""
     path: Optional[str] = None
     """An already-extracted aclImdb directory: skips the download."""
 
@@ -141,6 +144,11 @@ class TrainerConfig:
     new run when there is none (so a preemptible job can always pass it)."""
     resume_from: Optional[str] = None
     """Continue this MLflow run id from its checkpoint (its settings must match)."""
+    stale_after_s: float = 600.0
+    """trainer.resume also takes a RUNNING run of this config whose process is gone (killed by
+    SIGKILL or the OOM killer): one on this host whose pid is not alive, or one whose heartbeat
+    (tag fp8exp.heartbeat, written every minute while training) is older than this. It is marked
+    KILLED first."""
 
 
 @dataclass

@@ -72,13 +72,11 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     online = check_reachable(cfg)
     resume = None
     if cfg.trainer.resume or cfg.trainer.resume_from:
-        if not online and cfg.trainer.resume_from:
-            raise ConfigError("trainer.resume_from", "the tracking server holding the run is unreachable")
-        resume = find_resume(cfg) if online else None
+        resume = find_resume(cfg, online)
     with stopping.GracefulStop() as stop:
         keras.utils.set_random_seed(cfg.trainer.seed)
         try:
-            with distribution.scope(distribution.make(cfg.distribution)):
+            with distribution.scope(distribution.make(cfg.distribution, cfg.model)):
                 return _run(cfg, context, resume, stop, online)
         except stopping.Interrupted as interrupted:
             if interrupted.checkpoint_step is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fp8exp.config import ConfigError, tracking_uri
+from fp8exp.config import ConfigError, offline_uri, tracking_uri
 from fp8exp.run.checkpoint import ARTIFACT, CheckpointError, TrainingState, read
 from fp8exp.tracking import redact
 from fp8exp.tracking.callbacks import HEARTBEAT_TAG, HOST_TAG, PID_TAG
@@ -84,12 +84,17 @@ def process_gone(run, stale_after_s: float) -> bool:
     return time.time() - last > stale_after_s
 
 
-def find_resume(cfg: DictConfig) -> Resume | None:
+def find_resume(cfg: DictConfig, online: bool = True) -> Resume | None:
     """The run and checkpoint `trainer.resume` / `trainer.resume_from` point at; None when
-    `resume=true` finds nothing to continue. ConfigError for a run that cannot be resumed."""
+    `resume=true` finds nothing to continue. ConfigError for a run that cannot be resumed.
+    `online=False` (the server is unreachable, tracking.required=false): the run to continue is
+    looked for in the offline store, where it goes on; with none there, resuming is refused
+    rather than quietly starting over beside a checkpoint nobody can read."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    if not online:
+        return _find_offline(cfg)
     client = MlflowClient(tracking_uri(cfg))
     if cfg.trainer.resume_from:
         key = "trainer.resume_from"
@@ -113,6 +118,36 @@ def find_resume(cfg: DictConfig) -> Resume | None:
                      "experiment '%s'; starting a new run", cfg.tracking.experiment)
             return None
         run = candidates[0]
+    return _download(client, run, key, cfg)
+
+
+def _find_offline(cfg: DictConfig) -> Resume:
+    from mlflow.tracking import MlflowClient
+
+    key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
+    where = offline_uri(cfg)
+    path = where[len("sqlite:///"):] if where.startswith("sqlite:///") else None
+    found = None
+    if path is None or Path(path).is_file():
+        client = MlflowClient(where)
+        candidates = [run for run in _checkpointed_candidates(client, cfg)
+                      if not cfg.trainer.resume_from or cfg.trainer.resume_from in
+                      (run.info.run_id, run.data.tags.get("fp8exp.sync.remote_run_id"))]
+        found = candidates[0] if candidates else None
+    if found is None:
+        raise ConfigError(key, f"the tracking server {tracking_uri(cfg)} is unreachable and the offline store {where} "
+                          "holds no checkpointed run of this config to continue; start the server (or fix "
+                          "tracking.uri) to resume from its checkpoint, or pass trainer.resume=false to start a new run")
+    log.warning("trainer.resume: the tracking server %s is unreachable: continuing run %s from its checkpoint in the "
+                "offline store %s; deliver it later with python -m fp8exp.tracking_sync --from %s",
+                tracking_uri(cfg), found.info.run_id, where, where)
+    return _download(client, found, key, cfg)
+
+
+def _download(client, run, key: str, cfg: DictConfig) -> Resume:
+    """Fetch and verify the run's checkpoint."""
+    from mlflow.exceptions import MlflowException
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="fp8exp-resume-") as tmp:
         try:

@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fp8exp.config import ConfigError, tracking_uri, validate
+from fp8exp.config import ConfigError, offline_uri, tracking_uri, validate
 from fp8exp.run.launch import (
     SWEEP_FILE,
     Sweep,
@@ -159,8 +159,14 @@ class SweepCallback(Callback):
 
     sweep: Sweep | None = None
     tracking: DictConfig | None = None
-    jobs: int = 0
+    uri: str | None = None
+    """Where the parent run is: the tracking store, or the offline store when the server was away."""
+    jobs: int | None = None
+    """None: the sweeper (not the basic one) does not say up front how many jobs it launches."""
+    status: str = "KILLED"
+    """How the parent ends: KILLED unless on_multirun_end decides otherwise."""
     ended: bool = field(default=False, repr=False)
+    warned: bool = field(default=False, repr=False)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -183,13 +189,14 @@ class SweepCallback(Callback):
         except FileExistsError:
             raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds a sweep (another one started in "
                               "the same second, or a rerun); pass hydra.sweep.dir=<a new directory>") from None
-        self.jobs = len(jobs or [])
+        self.jobs = len(jobs) if jobs is not None else None
         self.sweep = Sweep(str(sweep_dir), None, varying_keys(jobs or []))
         self.tracking = composed[0] if composed and composed[0].tracking.name != "none" else None
         if self.tracking is not None:
-            from fp8exp.tracking.store import check_reachable, create_run
+            from fp8exp.tracking.store import check_reachable, create_run, fast_failing_http
 
-            check_reachable(self.tracking)
+            online = check_reachable(self.tracking)
+            self.uri = tracking_uri(self.tracking) if online else offline_uri(self.tracking)
             name = f"{config.hydra.runtime.choices.get('sweep') or 'sweep'}-{datetime.now():%Y%m%d-%H%M%S}"
             sweep_overrides = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
             tags = {
@@ -200,23 +207,34 @@ class SweepCallback(Callback):
                 "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
                 **git_state(),
             }
-            self.sweep.parent_run_id = create_run(self.tracking, name, tags)[1].info.run_id
+            if not online:  # tracking.required=false: offline like a single run; the jobs nest under it there
+                tags.update({"fp8exp.sync.status": "pending", "fp8exp.sync.target_uri": tracking_uri(self.tracking)})
+            with fast_failing_http():
+                self.sweep.parent_run_id = create_run(self.tracking, name, tags, self.uri)[1].info.run_id
         self.sweep.save()
         interrupt_on_sigterm()
         atexit.register(self._end_if_cut_short)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """The summary and the exit status come first: the store failing now must not hide them."""
         records = self._records()
         failed = [r for r in records if r.status != "FINISHED"]
-        missing = self.jobs - len(records)
-        self._end("FAILED" if failed or missing else "FINISHED", records)
-        print(f"\nfp8exp sweep: {len(records)} of {self.jobs} jobs ran, {len(records) - len(failed)} finished, "
+        missing = self.jobs - len(records) if self.jobs is not None else 0
+        self.status = "FAILED" if failed or missing else "FINISHED"
+        ran = f"{len(records)} of {self.jobs}" if self.jobs is not None else str(len(records))
+        print(f"\nfp8exp sweep: {ran} jobs ran, {len(records) - len(failed)} finished, "
               f"{len(failed)} failed   ({self.sweep.dir})")
         print("\n".join(record.line() for record in records))
-        if self.sweep.parent_run_id:
-            print(f"Parent run {self.sweep.parent_run_id} in experiment '{self.tracking.tracking.experiment}'. "
-                  f"Compare: python -m fp8exp.report --parent {self.sweep.parent_run_id}   (or: make report)")
-        if failed or missing:
+        parent = self.sweep.parent_run_id
+        if parent and self.uri != tracking_uri(self.tracking):
+            print(f"The tracking server was unreachable (tracking.required=false): parent run {parent} and its "
+                  f"jobs are in {self.uri}. Deliver them when the server is up: "
+                  f"python -m fp8exp.tracking_sync --from {self.uri}")
+        elif parent:
+            print(f"Parent run {parent} in experiment '{self.tracking.tracking.experiment}'. "
+                  f"Compare: python -m fp8exp.report --parent {parent}   (or: make report)")
+        self._end(records)
+        if self.status != "FINISHED":
             sys.exit(1)
 
     def _records(self) -> list[JobRecord]:
@@ -224,23 +242,43 @@ class SweepCallback(Callback):
         return sorted(found, key=lambda record: record.num)
 
     def _end_if_cut_short(self) -> None:
-        """Ctrl-C, SIGTERM or a launcher error stopped the sweep before on_multirun_end."""
+        """Ctrl-C, SIGTERM or a launcher error stopped the sweep before on_multirun_end, or the
+        store failed there: one more try."""
         if not self.ended:
-            self._end("KILLED", self._records())
+            self._end(self._records())
 
-    def _end(self, status: str, records: list[JobRecord]) -> None:
-        self.ended = True
-        if not (self.sweep and self.sweep.parent_run_id):
+    def _end(self, records: list[JobRecord]) -> None:
+        """End the parent `status`; a store that fails costs one warning line, and `ended` stays
+        False so the exit hook tries again."""
+        parent = self.sweep.parent_run_id if self.sweep else None
+        if not parent:
+            self.ended = True
             return
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri(self.tracking))
-        parent = self.sweep.parent_run_id
-        # A child whose process died without a word (SIGKILL, out of memory) is still RUNNING.
-        for child in client.search_runs([client.get_run(parent).info.experiment_id],
-                                        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-            client.set_terminated(child.info.run_id, "KILLED")
-        failed = [f"#{r.num} {r.name} {r.status}: {r.error} (log: {r.log})" for r in records if r.status != "FINISHED"]
-        client.set_tag(parent, "sweep.finished", str(sum(r.status == "FINISHED" for r in records)))
-        client.set_tag(parent, "sweep.failed", ("; ".join(failed) or "none")[:MAX_TAG_CHARS])
-        client.set_terminated(parent, status)
+        from fp8exp.tracking import redact
+        from fp8exp.tracking.store import fast_failing_http
+
+        client = MlflowClient(self.uri)
+        try:
+            with fast_failing_http():
+                # A child whose process died without a word (SIGKILL, out of memory) is still RUNNING.
+                experiment = client.get_run(parent).info.experiment_id
+                for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and "
+                                                              "attributes.status = 'RUNNING'"):
+                    client.set_terminated(child.info.run_id, "KILLED")
+                failed = [f"#{r.num} {r.name} {r.status}: {r.error} (log: {r.log})"
+                          for r in records if r.status != "FINISHED"]
+                client.set_tag(parent, "sweep.finished", str(sum(r.status == "FINISHED" for r in records)))
+                client.set_tag(parent, "sweep.failed", ("; ".join(failed) or "none")[:MAX_TAG_CHARS])
+                client.set_terminated(parent, self.status)
+        except Exception as error:  # noqa: BLE001
+            if not self.warned:
+                self.warned = True
+                uri = redact.text(self.uri)
+                print(f"fp8exp: warning: could not end the sweep's parent run {parent} as {self.status} in {uri} "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); it may show RUNNING: once the "
+                      f"store is back, run  python -c \"from mlflow import MlflowClient; MlflowClient('{uri}')"
+                      f".set_terminated('{parent}', '{self.status}')\"", file=sys.stderr)
+            return
+        self.ended = True

@@ -67,7 +67,9 @@ def _open(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id: s
     from mlflow.tracking import MlflowClient
 
     if resume_run_id is not None:
-        uri = tracking_uri(cfg)
+        uri = offline_uri(cfg) if offline else tracking_uri(cfg)
+        if offline:  # it goes on in the offline store: deliver it (again) once it ends
+            tags = {**tags, "fp8exp.sync.status": "pending", "fp8exp.sync.target_uri": tracking_uri(cfg)}
         client = MlflowClient(tracking_uri=uri)
         previous = client.get_run(resume_run_id)
         client.update_run(resume_run_id, "RUNNING")
