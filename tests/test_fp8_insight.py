@@ -2,7 +2,10 @@
 numbers match hand computation and theory, health warnings fire when they should, and the
 layer filters quantize exactly what they say."""
 
+import re
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -42,6 +45,7 @@ def test_gemm_check_on_cpu_is_emulated_with_three_matmuls_per_quantized_layer(ov
     assert report.fused == 0
     assert report.total_matmuls == 3 * 8 + 6  # plus attention's QK^T and AV, forward and backward
     assert "f8e4m3fn" in report.hlo and "f8e5m2" in report.hlo
+    assert re.search(r" dot\(f32\[\d+,\d+\]\{1,0\} %\S+, f32\[", report.hlo)  # the saved text shows operand types
 
 
 def test_gemm_verdicts():
@@ -50,12 +54,141 @@ def test_gemm_verdicts():
     assert fp8_gemm.GemmReport(24, 0, 30, "").verdict == "emulated"
 
 
-def test_fused_gemms_are_recognised_in_gpu_hlo():
-    hlo = ('%cublas-gemm.1 = (bf16[8,32]{1,0}, s8[0]{0}) custom-call(f8e4m3fn[8,16]{1,0} %a, '
-           'f8e4m3fn[32,16]{1,0} %b), custom_call_target="__cublas$lt$matmul$f8"\n'
-           '%dot.2 = bf16[8,32]{1,0} dot(f8e4m3fn[8,16]{1,0} %c, f8e5m2[16,32]{1,0} %d)\n'
-           '%dot.3 = bf16[8,32]{1,0} dot(bf16[8,16]{1,0} %e, bf16[16,32]{1,0} %f)\n')
-    assert len(fp8_gemm.FP8_GEMM_TARGET.findall(hlo)) + len(fp8_gemm.FP8_DOT.findall(hlo)) == 2
+def test_optimized_hlo_of_a_real_compilation_has_typed_operands():
+    def matmul(a, b):
+        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    compiled = jax.jit(matmul).lower(jnp.ones((16, 32), jnp.float8_e4m3fn), jnp.ones((32, 16), jnp.float8_e5m2)).compile()
+    assert re.search(r" dot\(%\S+, %\S+\)", compiled.as_text())  # JAX's own text: untyped operands
+    hlo = fp8_gemm.optimized_hlo(compiled)
+    # XLA on CPU converts the f8 operands up and multiplies in f32: not an FP8 GEMM.
+    assert re.search(r" dot\(f32\[16,32\]\{1,0\} %\S+, f32\[32,16\]\{1,0\} %\S+\)", hlo)
+    assert "convert(f8e4m3fn[16,32]{1,0} %" in hlo and "convert(f8e5m2[32,16]{1,0} %" in hlo
+    assert fp8_gemm.count_fp8_gemms(hlo) == 0
+
+
+def _gemm_fusion(name, kind, lhs="f8e4m3fn", rhs="f8e5m2"):
+    """A fused computation with its dot and the fusion calling it, as XLA prints them for a GPU with
+    operand shapes (a __triton_nested_gemm_fusion also fuses its operands' producers)."""
+    body = (f"%{name}_computation (parameter_0: {lhs}[64,128], parameter_1: {rhs}[128,32]) -> bf16[64,32] {{\n"
+            f"  %parameter_0 = {lhs}[64,128]{{1,0}} parameter(0)\n"
+            f"  %parameter_1 = {rhs}[128,32]{{1,0}} parameter(1)\n"
+            f"  ROOT %dot.0 = bf16[64,32]{{1,0}} dot({lhs}[64,128]{{1,0}} %parameter_0, {rhs}[128,32]{{1,0}} "
+            "%parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n")
+    call = (f"  %{name} = bf16[64,32]{{1,0}} fusion({lhs}[64,128]{{1,0}} %a, {rhs}[128,32]{{1,0}} %b), kind=kCustom, "
+            f'calls=%{name}_computation, backend_config={{"operation_queue_id":"0","wait_on_operation_queues":[],'
+            f'"fusion_backend_config":{{"kind":"{kind}","triton_gemm_config":{{"block_m":"64","block_n":"32",'
+            '"block_k":"128","split_k":"1","num_stages":"4","num_warps":"4","num_ctas":"1"}},'
+            '"force_earliest_schedule":false}\n')
+    return body, call
+
+
+NESTED_GEMM_FUSION = """\
+%block_lhs (parameter_0.1: f8e4m3fn[64,128]) -> f8e4m3fn[64,128] {
+  ROOT %parameter_0.1 = f8e4m3fn[64,128]{1,0} parameter(0)
+}
+
+%block_rhs (parameter_0.2: f8e4m3fn[128,32]) -> f8e4m3fn[128,32] {
+  ROOT %parameter_0.2 = f8e4m3fn[128,32]{1,0} parameter(0)
+}
+
+%gemm_fusion_dot.7_computation (parameter_0: f8e4m3fn[64,128], parameter_1: f8e4m3fn[128,32]) -> f32[64,32] {
+  %parameter_0 = f8e4m3fn[64,128]{1,0} parameter(0)
+  %block_fusion = f8e4m3fn[64,128]{1,0} fusion(f8e4m3fn[64,128]{1,0} %parameter_0), kind=kCustom, calls=%block_lhs, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":"4","output_tiles":[{"sizes":["64","128"]}]}}}
+  %parameter_1 = f8e4m3fn[128,32]{1,0} parameter(1)
+  %block_fusion.1 = f8e4m3fn[128,32]{1,0} fusion(f8e4m3fn[128,32]{1,0} %parameter_1), kind=kCustom, calls=%block_rhs, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":"4","output_tiles":[{"sizes":["128","32"]}]}}}
+  ROOT %dot.0 = f32[64,32]{1,0} dot(f8e4m3fn[64,128]{1,0} %block_fusion, f8e4m3fn[128,32]{1,0} %block_fusion.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+NESTED_GEMM_CALL = ('  %gemm_fusion_dot.7 = f32[64,32]{1,0} fusion(f8e4m3fn[64,128]{1,0} %a, f8e4m3fn[128,32]{1,0} %b), '
+                    'kind=kCustom, calls=%gemm_fusion_dot.7_computation, backend_config={"operation_queue_id":"0",'
+                    '"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":'
+                    '{"num_warps":"4","output_tiles":[{"sizes":["64","32"]}]}}}\n')
+CUBLAS_F8 = ('  %cublas-gemm.1 = (bf16[64,32]{1,0}, s8[33554432]{0}) custom-call(f8e4m3fn[64,128]{1,0} %a, '
+             'f8e4m3fn[32,128]{1,0} %b, f32[] %sa, f32[] %sb), custom_call_target="__cublas$lt$matmul$f8", '
+             'backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"lhs_contracting_dimensions":["1"]}}\n')
+CUBLAS_MX = ('  %cublas-gemm.2 = (bf16[64,32]{1,0}, s8[33554432]{0}) custom-call(f8e4m3fn[64,128]{1,0} %a, '
+             'f8e4m3fn[32,128]{1,0} %b, f8e8m0fnu[64,4]{1,0} %sa, f8e8m0fnu[32,4]{1,0} %sb), '
+             'custom_call_target="__cublas$lt$matmul$mx", backend_config={"gemm_backend_config":{"scale_mode":2}}\n')
+CUBLAS_BF16 = ('  %cublas-gemm.3 = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(bf16[64,128]{1,0} %c, '
+               'bf16[128,32]{1,0} %d), custom_call_target="__cublas$lt$matmul", backend_config={}\n')
+
+
+def _gpu_module(computations: str, entry: str) -> str:
+    return (f"HloModule jit_train_step, entry_computation_layout={{(f8e4m3fn[64,128]{{1,0}})->bf16[64,32]{{1,0}}}}\n\n"
+            f"{computations}\nENTRY %main.9 (a: f8e4m3fn[64,128], b: f8e5m2[128,32]) -> bf16[64,32] {{\n"
+            "  %a = f8e4m3fn[64,128]{1,0} parameter(0)\n  %b = f8e5m2[128,32]{1,0} parameter(1)\n"
+            f"{entry}  ROOT %tuple = () tuple()\n}}\n")
+
+
+@pytest.mark.parametrize("kind,dtype,expected", [
+    ("__triton_gemm", "f8e4m3fn", 1),
+    ("__cudnn$fusion", "f8e4m3fn", 1),
+    ("__triton_gemm", "bf16", 0),
+])
+def test_gemm_fusions_count_once_when_their_dot_is_fp8(kind, dtype, expected):
+    body, call = _gemm_fusion("gemm_fusion_dot.3", kind, lhs=dtype, rhs=dtype)
+    assert fp8_gemm.count_fp8_gemms(_gpu_module(body, call)) == expected
+
+
+def test_fused_fp8_gemms_are_recognised_in_gpu_hlo():
+    fusions = [_gemm_fusion(f"gemm_fusion_dot.{i}", "__triton_gemm") for i in range(2)]
+    bf16 = _gemm_fusion("gemm_fusion_dot.5", "__triton_gemm", lhs="bf16", rhs="bf16")
+    loop = _gemm_fusion("loop_fusion", "__ynn_fusion")  # a dot fused by something other than a GEMM emitter
+    bodies = "\n".join(body for body, _ in [*fusions, bf16, loop]) + "\n" + NESTED_GEMM_FUSION
+    calls = "".join(call for _, call in [*fusions, bf16, loop]) + NESTED_GEMM_CALL + CUBLAS_F8 + CUBLAS_MX + CUBLAS_BF16
+    bare = "  %dot.9 = bf16[8,32]{1,0} dot(f8e4m3fn[8,16]{1,0} %c, f8e5m2[16,32]{1,0} %d), lhs_contracting_dims={1}\n"
+    hlo = _gpu_module(bodies, calls + bare)
+    fused = fp8_gemm.count_fp8_gemms(hlo)
+    assert fused == 2 + 1 + 2 + 1  # triton, nested triton, cuBLASLt f8 and mx, a bare f8 dot
+    assert fp8_gemm.GemmReport(6, fused, 10, hlo).verdict == "fused"
+
+
+@pytest.mark.parametrize("target", ["__cublas$lt$matmul$f8", "__cublas$lt$matmul$mx"])
+def test_cublaslt_fp8_custom_calls_count(target):
+    call = CUBLAS_F8 if target.endswith("f8") else CUBLAS_MX
+    assert fp8_gemm.count_fp8_gemms(_gpu_module("", call + CUBLAS_BF16)) == 1
+
+
+def _qdq(a):
+    """Keras' FP8 pattern: quantize to FP8, dequantize to the compute dtype, scale."""
+    return a.astype(jnp.float8_e4m3fn).astype(jnp.bfloat16) * 2
+
+
+def _matmuls(fn, *args):
+    return fp8_gemm.count_matmuls(jax.make_jaxpr(jax.jit(fn))(*args).jaxpr)
+
+
+def test_matmuls_inside_scan_and_while_are_counted_through_the_carry():
+    x, ws = jnp.ones((8, 8), jnp.bfloat16), jnp.ones((3, 8, 8), jnp.bfloat16)
+
+    def scanned(x, ws):  # a scanned layer stack; its operands are cast to FP8 outside the loop
+        return jax.lax.scan(lambda h, w: (_qdq(h @ w), h), _qdq(x), _qdq(ws))[0] @ x
+
+    assert _matmuls(scanned, x, ws) == {"total": 2, "fp8": 1}
+
+    def looped(x, w, n):  # the condition and the body each close over a value
+        w = _qdq(w)
+        body = lambda c: (c[0] + 1, _qdq(c[1] @ w))
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, _qdq(x)))[1] @ x
+
+    assert _matmuls(looped, x, x, jnp.int32(3)) == {"total": 2, "fp8": 1}
+
+
+def test_matmuls_inside_cond_are_counted_in_every_branch():
+    x = jnp.ones((8, 8), jnp.bfloat16)
+
+    def branches(p, x, w):
+        return jax.lax.cond(p, lambda a, b: a @ b, lambda a, b: (a * 2) @ b, _qdq(x), _qdq(w)) + x @ w
+
+    assert _matmuls(branches, True, x, x) == {"total": 3, "fp8": 2}
+
+    def selected(p, x, w):  # FP8-fed after the cond only if every branch returns an FP8-fed value
+        both = jax.lax.cond(p, lambda a: a, lambda a: a * 2, _qdq(x))
+        one = jax.lax.cond(p, lambda a, b: a, lambda a, b: b, _qdq(x), x)
+        return both @ _qdq(w), one @ _qdq(w)
+
+    assert _matmuls(selected, True, x, x) == {"total": 2, "fp8": 1}
 
 
 def test_saturation_and_underflow_by_hand():
