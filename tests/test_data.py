@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,11 @@ def write_text_tree(root: Path, per_class: int = 20, splits=("train", "test"), u
     return root
 
 
-def make_archive(tmp: Path, extra_member: tuple[str, bytes] | None = None) -> Path:
-    tree = write_text_tree(tmp / "src" / "aclImdb", unsup=True)
-    archive = tmp / "served" / imdb.ARCHIVE
-    archive.parent.mkdir(parents=True)
+def make_archive(tmp: Path, extra_member: tuple[str, bytes] | None = None, name: str = imdb.ARCHIVE,
+                 per_class: int = 20) -> Path:
+    tree = write_text_tree(tmp / "src" / name / "aclImdb", per_class=per_class, unsup=True)
+    archive = tmp / "served" / name
+    archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname="aclImdb")
         if extra_member:
@@ -64,14 +66,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        body = (Path(self.directory) / imdb.ARCHIVE).read_bytes()
         if self.path.endswith("/cut-short.tar.gz"):  # promises the whole archive, sends half
-            body = (Path(self.directory) / imdb.ARCHIVE).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])
-            return
-        super().do_GET()
+        elif self.path.startswith("/slow/"):  # the archive in 8 parts over ~0.4 s: downloads overlap
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            step = len(body) // 8 + 1
+            for start in range(0, len(body), step):
+                self.wfile.write(body[start:start + step])
+                self.wfile.flush()
+                time.sleep(0.05)
+        elif self.path.startswith("/no-length/"):  # the archive, without a Content-Length
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            super().do_GET()
 
 
 @pytest.fixture
@@ -95,13 +110,18 @@ def imdb_config(tmp_path, url, digest, *overrides):
     return cfg
 
 
+def leftovers(cache: Path) -> list[str]:
+    """What a failed download left in the cache, but for the lock file (kept on purpose)."""
+    return sorted(p.name for p in cache.iterdir() if p.name != imdb.LOCK)
+
+
 # ------------------------------------------------------------------- IMDB download path
 
 def test_imdb_downloads_verifies_extracts_and_splits(tmp_path, served):
     url, archive = served
     cfg = imdb_config(tmp_path, f"{url}/{imdb.ARCHIVE}", sha256(archive))
     splits = load(cfg.data)
-    extracted = tmp_path / "cache" / "aclImdb"
+    extracted = imdb.dataset_dir(cfg.data)
     assert (extracted / "train" / "pos").is_dir()
     assert not (extracted / "train" / "unsup").exists()
     assert not list((tmp_path / "cache").glob("*.part"))
@@ -135,7 +155,7 @@ def test_checksum_mismatch_deletes_the_download(tmp_path, served):
     with pytest.raises(ConfigError) as error:
         load(imdb_config(tmp_path, f"{url}/{imdb.ARCHIVE}", "0" * 64).data)
     assert error.value.key == "data.sha256" and "deleted" in str(error.value)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert leftovers(tmp_path / "cache") == []
 
 
 def test_download_cut_short_leaves_nothing(tmp_path, served):
@@ -143,7 +163,84 @@ def test_download_cut_short_leaves_nothing(tmp_path, served):
     with pytest.raises(ConfigError) as error:
         load(imdb_config(tmp_path, f"{url}/cut-short.tar.gz", sha256(archive)).data)
     assert error.value.key == "data.url"
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert leftovers(tmp_path / "cache") == []
+
+
+def run_together(*jobs) -> list:
+    """Each job in its own thread, the second starting while the first downloads; results or errors."""
+    results = [None] * len(jobs)
+
+    def run(i):
+        try:
+            results[i] = jobs[i]()
+        except Exception as error:  # noqa: BLE001  (reported by the assertion)
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_parallel_downloads_of_one_archive_both_succeed(tmp_path, served):
+    url, archive = served
+    target = tmp_path / "cache" / imdb.ARCHIVE
+    target.parent.mkdir()
+    download = functools.partial(imdb.download, f"{url}/slow/{imdb.ARCHIVE}", target, sha256(archive))
+    assert run_together(download, download) == [None, None]
+    assert sha256(target) == sha256(archive)
+    assert leftovers(tmp_path / "cache") == [imdb.ARCHIVE]
+
+
+def test_parallel_jobs_on_a_cold_cache_download_once_and_share_the_extraction(tmp_path, served, caplog):
+    url, archive = served
+    data = imdb_config(tmp_path, f"{url}/slow/{imdb.ARCHIVE}", sha256(archive)).data
+    caplog.set_level("INFO", logger=imdb.__name__)
+    first, second = run_together(lambda: imdb.dataset_dir(data), lambda: imdb.dataset_dir(data))
+    assert first == second and (first / "train" / "pos").is_dir()
+    assert [r.message for r in caplog.records].count(f"Downloading IMDB from {data.url} into {tmp_path / 'cache'}") == 1
+    assert sha256(tmp_path / "cache" / imdb.ARCHIVE) == sha256(archive)
+
+
+def test_a_new_archive_sha_is_extracted_afresh_not_served_from_the_old_extraction(tmp_path, served):
+    url, archive = served
+    load(imdb_config(tmp_path, f"{url}/{imdb.ARCHIVE}", sha256(archive)).data)
+    smaller = make_archive(tmp_path, name="aclImdb_v2.tar.gz", per_class=10)
+    splits = load(imdb_config(tmp_path, f"{url}/aclImdb_v2.tar.gz", sha256(smaller)).data)
+    assert not splits.cache_hit and len(splits.y_test) == 20
+
+
+@pytest.mark.parametrize("path,message", [(imdb.ARCHIVE, "announces"), (f"no-length/{imdb.ARCHIVE}", "so far")])
+def test_a_download_over_max_download_bytes_stops_and_leaves_nothing(tmp_path, served, path, message):
+    url, archive = served
+    with pytest.raises(ConfigError) as error:
+        load(imdb_config(tmp_path, f"{url}/{path}", sha256(archive), "data.max_download_bytes=100").data)
+    assert error.value.key == "data.max_download_bytes" and message in str(error.value)
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_an_archive_unpacking_past_the_limit_is_not_extracted(tmp_path):
+    archive = make_archive(tmp_path, extra_member=("aclImdb/zeros.bin", bytes(2 << 20)))  # 2 MiB, compresses to KBs
+    limit = 200_000
+    assert archive.stat().st_size < limit < (2 << 20) / imdb.UNPACK_FACTOR
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError) as error:
+        imdb.extract(archive, tmp_path / "out" / "aclImdb", limit)
+    assert error.value.key == "data.max_download_bytes" and "unpacks to" in str(error.value)
+    assert list((tmp_path / "out").iterdir()) == [] and archive.is_file()
+
+
+@pytest.mark.parametrize("value,ok", [("null", True), ("1", True), ("0", False), ("-5", False)])
+def test_max_download_bytes_must_be_positive_or_null(tmp_path, value, ok):
+    cfg = compose_config("data=imdb", f"data.max_download_bytes={value}")
+    if ok:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match="^data.max_download_bytes: "):
+            validate(cfg)
 
 
 def test_unreachable_url_offers_alternatives(tmp_path):
@@ -195,6 +292,16 @@ def test_text_dir_without_test_split_carves_one(tmp_path):
     tree = write_text_tree(tmp_path / "reviews", per_class=25, splits=("train",))
     splits = load(text_dir_config(tmp_path, tree, "data.test_fraction=0.2", "data.validation_fraction=0.2").data)
     assert (len(splits.y_train), len(splits.y_val), len(splits.y_test)) == (30, 10, 10)
+
+
+def test_the_cache_key_covers_every_file_the_reader_reads(tmp_path):
+    tree = write_text_tree(tmp_path / "reviews")
+    assert len(load(text_dir_config(tmp_path, tree).data).y_train) == 32
+    (tree / "train" / "pos" / "more").mkdir()
+    (tree / "train" / "pos" / "more" / "nested.txt").write_text("a wonderful film", encoding="utf-8")
+    (tree / "train" / "neg" / "UPPER.TXT").write_text("an awful film", encoding="utf-8")
+    splits = load(text_dir_config(tmp_path, tree).data)
+    assert not splits.cache_hit and len(splits.y_train) + len(splits.y_val) == 42
 
 
 def test_non_utf8_files_are_decoded_with_replacement_and_counted(tmp_path):

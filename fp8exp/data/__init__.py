@@ -82,7 +82,10 @@ def load(data: DictConfig) -> Splits:
     if source_id is None:
         return read_and_prepare(read, data)  # raises the reader's clear error about the path
 
-    settings = {k: v for k, v in OmegaConf.to_container(data).items() if k not in ("cache_dir", "path", "url")}
+    # Where the source lives and how big a download may be do not shape the splits; data.sha256
+    # (the archive's identity) does, and stays in.
+    settings = {k: v for k, v in OmegaConf.to_container(data).items()
+                if k not in ("cache_dir", "path", "url", "max_download_bytes")}
     entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, cache.fingerprint(source_id, settings))
     stored = cache.load(entry)
     if stored is not None:

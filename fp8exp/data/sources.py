@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +43,24 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name != "unsup")
 
 
+def text_files(root: Path) -> list[Path]:
+    """The files read_text_dir reads, found as keras.utils.text_dataset_from_directory finds them:
+    every *.txt (any case) at any depth below each class folder of train/ and test/."""
+    train_dir = root / "train"
+    found = []
+    for name in class_folders(train_dir) if train_dir.is_dir() else []:
+        for split_dir in (train_dir, root / "test"):
+            for folder, _, files in os.walk(split_dir / name):
+                found.extend(Path(folder) / f for f in files if f.lower().endswith(".txt"))
+    return sorted(found)
+
+
 def directory_identity(root: Path) -> list:
-    """Cheap content identity of a text directory: every file's path, size and mtime."""
+    """Cheap content identity of a text directory: path, size and mtime of every file it reads."""
     digest = hashlib.sha256()
-    for path in sorted(root.glob("*/*/*.txt")):
-        if path.parent.name != "unsup":
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for path in text_files(root):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return [str(root.resolve()), digest.hexdigest()]
 
 
