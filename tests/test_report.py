@@ -15,6 +15,7 @@ from scipy import stats
 
 from fp8exp.precision.scales import SCALED_TENSORS
 from fp8exp.report import stats as report_stats
+from fp8exp.report import tables as report_tables
 from fp8exp.report.__main__ import main as report_main
 from tests.test_sweep import basic_sweep
 
@@ -29,7 +30,7 @@ def log_sweep(uri: str, runs: list[dict], experiment: str = "fp8exp") -> str:
     parent = client.create_run(experiment_id, run_name="sweep", tags={"sweep.jobs": str(len(runs))}).info.run_id
     for spec in runs:
         precision, hidden, seed = spec["precision"], spec["hidden"], spec["seed"]
-        run_id = client.create_run(experiment_id, run_name=f"{precision}-h{hidden}-s{seed}",
+        run_id = client.create_run(experiment_id, run_name=f"{precision}-h{hidden}-s{seed}", start_time=spec.get("start"),
                                    tags={"mlflow.parentRunId": parent, "device": "cpu:cpu x1"}).info.run_id
         params = {"precision.name": precision, "model.hidden_dim": hidden, "model.intermediate_dim": hidden,
                   "trainer.seed": seed, "precision.amax_history_length": 1024 if precision == "float8" else "null"}
@@ -41,7 +42,7 @@ def log_sweep(uri: str, runs: list[dict], experiment: str = "fp8exp") -> str:
                         for layer in ("dense", "head") for tensor in SCALED_TENSORS for step in (8, 16)]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag("fp8exp", "test")])
-        client.set_terminated(run_id, spec.get("status", "FINISHED"))
+        client.set_terminated(run_id, spec.get("status", "FINISHED"), spec["start"] + 1000 if "start" in spec else None)
     client.set_terminated(parent)
     return parent
 
@@ -60,6 +61,14 @@ def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
         return {(row["precision"], row["model.hidden_dim"]): row for row in csv.DictReader(handle)}
 
 
+def table_row(markdown: str, label: str) -> list[str]:
+    """The Markdown table's cells for one configuration, e.g. "float8 h32"."""
+    precision, size = label.split()
+    [cells] = [[c.strip() for c in line.split("|")[1:-1]] for line in markdown.splitlines()
+               if line.startswith(f"| {precision} ") and line.split("|")[2].strip() == size]
+    return cells
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -75,7 +84,7 @@ def test_paired_delta_matches_scipy_paired_t_interval():
 
 
 def test_unmatched_seeds_fall_back_to_welch():
-    fp8, bf16 = {"0": 0.80, "1": 0.86, "2": 0.83}, {"5": 0.84, "6": 0.82}
+    fp8, bf16 = {"0": 0.80, "1": 0.86, "2": 0.83}, {"5": 0.84, "6": 0.82, "7": 0.85}
     delta = report_stats.delta_ci(fp8, bf16)
     expected = stats.ttest_ind(list(fp8.values()), list(bf16.values()), equal_var=False).confidence_interval(0.95)
     assert not delta.paired
@@ -87,6 +96,53 @@ def test_one_seed_has_no_interval():
     delta = report_stats.delta_ci({"0": 0.9}, {"0": 0.8})
     assert delta.low is None and delta.verdict == "one seed: no CI"
     assert delta.mean == pytest.approx(0.1)
+
+
+def test_zero_variance_gives_no_interval_and_no_gain_or_loss():
+    # 128 test examples: float8 is exactly one example worse on both seeds (differences equal up to rounding)
+    paired = report_stats.delta_ci({"0": 0.9453, "1": 0.9531}, {"0": 0.9531, "1": 0.9609})
+    assert paired.paired and paired.n == 2 and (paired.low, paired.high) == (None, None)
+    assert paired.verdict == "no variance across seeds: CI undefined"
+    welch = report_stats.delta_ci({"0": 0.95, "1": 0.95, "2": 0.95}, {"5": 0.96, "6": 0.96, "7": 0.96})
+    assert not welch.paired and (welch.low, welch.high) == (None, None)
+    assert welch.verdict == "no variance across seeds: CI undefined"
+    same = report_stats.delta_ci({s: 0.9 for s in "012"}, {s: 0.9 for s in "012"})
+    assert same.mean == 0 and same.verdict == "identical on every seed"
+
+
+def test_two_seeds_give_an_interval_but_no_verdict():
+    fp8, bf16 = {"0": 0.800, "1": 0.811}, {"0": 0.900, "1": 0.910}  # the interval alone would say LOST
+    paired = report_stats.delta_ci(fp8, bf16)
+    expected = stats.ttest_rel(list(fp8.values()), list(bf16.values())).confidence_interval(0.95)
+    assert (paired.low, paired.high) == pytest.approx((expected.low, expected.high)) and paired.high < 0
+    assert paired.verdict == "too few seeds to decide (n=2)"
+    welch = report_stats.delta_ci({"0": 0.80, "1": 0.81, "2": 0.80}, {"5": 0.90, "6": 0.91})
+    assert not welch.paired and welch.high < 0
+    assert welch.verdict == "too few seeds to decide (n=2)"
+
+
+def test_unmatched_seeds_are_named_and_the_rest_still_paired():
+    fp8 = {"0": 0.81, "1": 0.84, "2": 0.80, "3": 0.70}
+    bf16 = {"0": 0.83, "1": 0.85, "2": 0.83, "4": 0.99}
+    delta = report_stats.delta_ci(fp8, bf16)
+    expected = stats.ttest_rel([0.81, 0.84, 0.80], [0.83, 0.85, 0.83]).confidence_interval(0.95)
+    assert delta.paired and delta.n == 3 and delta.common == ("0", "1", "2")
+    assert (delta.only_here, delta.only_baseline) == (("3",), ("4",))
+    assert (delta.low, delta.high) == pytest.approx((expected.low, expected.high))
+
+
+@pytest.mark.parametrize("speedup,words", [
+    (1.25, "1.25x (25% faster)"), (0.94, "0.94x (6% slower)"), (0.8, "0.80x (20% slower)"),
+    (1.01, "1.01x (no clear speed change)"), (1.0, "1.00x (no clear speed change)"),
+    (0.98, "0.98x (no clear speed change)"),
+])
+def test_speed_words_have_a_noise_threshold(speedup, words):
+    assert report_tables.speed_verdict(speedup) == words
+
+
+def test_speed_noise_threshold_can_be_set():
+    assert report_tables.speed_verdict(1.08, noise=0.1) == "1.08x (no clear speed change)"
+    assert report_tables.speed_verdict(1.01, noise=0.0) == "1.01x (1% faster)"
 
 
 # ---------------------------------------------------------------- a logged sweep, no training
@@ -122,7 +178,10 @@ def test_report_on_a_sweep_with_seeds(uri, tmp_path, capsys):
     assert table[("mixed_bfloat16", "64")]["delta_accuracy"] == ""
 
     out = capsys.readouterr().out
-    assert "float8 h32: accuracy -0.67 pts vs mixed_bfloat16 [95% CI -2.10, +0.77] -> no clear accuracy change; 0.80x slower" in out
+    assert ("float8 h32: accuracy -0.67 pts vs mixed_bfloat16 [95% CI -2.10, +0.77] -> no clear accuracy change; "
+            "0.80x (20% slower)") in out
+    assert "-> too few seeds to decide (n=2); 0.80x (20% slower)" in out  # h64: two seeds
+    assert table_row(out, "float8 h32")[4] == "-0.67 pts [-2.10, +0.77] (paired, n=3)"
     assert "Left out 1 run(s) that did not finish (1 FAILED): float8-h64-s2." in out
     assert "float8 is never faster than mixed_bfloat16 here" in out
     written = {p.name for p in (tmp_path / "out").iterdir()}
@@ -168,6 +227,62 @@ def test_experiment_mode_compares_runs_logged_one_by_one(uri, tmp_path):
               experiment="by-hand")
     assert make_report(uri, tmp_path / "out", "--experiment", "by-hand") == 0
     assert float(read_csv(tmp_path / "out" / "report.csv")[("float8", "32")]["speedup"]) == pytest.approx(1.25)
+
+
+def test_speed_noise_option_changes_the_speed_words(uri, tmp_path, capsys):
+    log_sweep(uri, grid({k: v for k, v in ACCURACY.items() if k[1] == "32"}, {"mixed_bfloat16": 10.0, "float8": 8.0}))
+    assert make_report(uri, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "; 1.25x (25% faster)" in out and "float8 is faster than mixed_bfloat16 at h32" in out
+    assert make_report(uri, tmp_path / "out", "--speed-noise", "0.3") == 0
+    out = capsys.readouterr().out
+    assert "; 1.25x (no clear speed change)" in out and "float8 is never faster than mixed_bfloat16 here" in out
+    assert float(read_csv(tmp_path / "out" / "report.csv")[("float8", "32")]["speedup"]) == pytest.approx(1.25)
+    with pytest.raises(SystemExit):
+        make_report(uri, tmp_path / "out", "--speed-noise", "-1")
+
+
+def test_reruns_of_a_config_and_seed_count_once(uri, tmp_path, capsys):
+    """The latest finished run of each configuration and seed counts; older ones are named in the notes."""
+    def spec(precision, seed, accuracy, start, **extra):
+        return {"precision": precision, "hidden": "32", "seed": seed, "test/accuracy": accuracy,
+                "perf/step_time_ms": 10.0, "start": start, **extra}
+
+    base = [spec("mixed_bfloat16", s, a, 1000 + s) for s, a in enumerate((0.90, 0.92, 0.91))]
+    latest = [spec("float8", s, a, 5000 + s) for s, a in enumerate((0.95, 0.96, 0.97))]
+    stale = [spec("float8", s, 0.80, 2000 + s) for s in range(3)]
+    failed = spec("float8", 0, 0.10, 9000, status="FAILED")  # a newer run that failed replaces nothing
+    log_sweep(uri, base + latest + stale + [failed], experiment="by-hand")
+    assert make_report(uri, tmp_path / "out", "--experiment", "by-hand") == 0
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("by-hand").experiment_id], "params.`precision.name` = 'float8'")
+    row = read_csv(tmp_path / "out" / "report.csv")[("float8", "32")]
+    assert row["seeds"] == "3"
+    assert set(row["run_ids"].split()) == {r.info.run_id for r in runs if 5000 <= r.info.start_time < 9000}
+    assert set(row["superseded_run_ids"].split()) == {r.info.run_id for r in runs if r.info.start_time < 5000}
+    assert float(row["test_accuracy_mean"]) == pytest.approx(0.96)
+    assert float(row["delta_accuracy"]) == pytest.approx(0.05)
+    out = capsys.readouterr().out
+    assert "float8 h32: accuracy +5.00 pts vs mixed_bfloat16" in out and "-> gained accuracy" in out
+    assert table_row(out, "float8 h32")[2] == "3 (6 runs)"
+    assert "Left out 3 run(s) superseded by a later finished run of the same configuration and seed" in out
+
+
+def test_unmatched_seeds_are_named_in_the_notes(uri, tmp_path, capsys):
+    accuracy = {**{k: v for k, v in ACCURACY.items() if k[1] == "32"}, ("float8", "32", "3"): 0.5,
+                ("mixed_bfloat16", "64", "5"): 0.93, ("mixed_bfloat16", "64", "6"): 0.94,
+                ("float8", "64", "0"): 0.93, ("float8", "64", "1"): 0.95}
+    log_sweep(uri, grid(accuracy, {"mixed_bfloat16": 10.0, "float8": 10.0}))
+    assert make_report(uri, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "float8 h32: seed 3 has no mixed_bfloat16 run; compared on seeds 0, 1, 2." in out
+    assert table_row(out, "float8 h32")[4] == "-0.67 pts [-2.10, +0.77] (paired, n=3)"
+    assert ("float8 h64: seeds 0, 1 have no mixed_bfloat16 run; mixed_bfloat16 seeds 5, 6 have no float8 run; "
+            "fewer than 2 seeds in common: compared unpaired (Welch)") in out
+    assert table_row(out, "float8 h64")[4].endswith("(unpaired, n=2 vs 2)")
+    table = read_csv(tmp_path / "out" / "report.csv")
+    assert (table[("float8", "32")]["delta_n"], table[("float8", "32")]["delta_paired"]) == ("3", "True")
 
 
 # ---------------------------------------------------------------- the real sweep

@@ -5,6 +5,7 @@ a console summary; with a sweep, all of it is logged as artifacts on the sweep's
     python -m fp8exp.report                     # the latest sweep in the store
     python -m fp8exp.report --parent RUN_ID     # one sweep
     python -m fp8exp.report --experiment NAME   # every finished run of an experiment
+    python -m fp8exp.report --speed-noise 0.05  # speedups within ±5% read "no clear speed change"
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from pathlib import Path
 
 from fp8exp.report.document import write_report
 from fp8exp.report.runs import ReportError, default_out_dir, find_source
+from fp8exp.report.tables import SPEED_NOISE
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), e.g. 0.03 for 3%; got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--experiment", metavar="NAME", help="every run of this experiment instead of one sweep")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///<current dir>/mlflow.db, as fp8exp)")
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report)")
+    parser.add_argument("--speed-noise", type=fraction, default=SPEED_NOISE, metavar="FRACTION",
+                        help=f"speedups within this fraction of 1.00x are no clear speed change (default {SPEED_NOISE})")
     args = parser.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
@@ -41,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = find_source(client, args.parent, args.experiment)
         out = args.out or default_out_dir(source)
-        markdown, files = write_report(client, source, out)
+        markdown, files = write_report(client, source, out, args.speed_noise)
     except ReportError as error:
         print(f"fp8exp.report: error: {error}", file=sys.stderr)
         return 1

@@ -8,11 +8,21 @@ from fp8exp.report import inference
 from fp8exp.report.plots import plot_accuracy, plot_fp8_scales, plot_step_time
 from fp8exp.report.rows import build_rows
 from fp8exp.report.runs import BASELINE, ReportError, Source, slug
-from fp8exp.report.tables import crossover, headline, markdown_table, write_csv
+from fp8exp.report.stats import MIN_SEEDS
+from fp8exp.report.tables import (
+    SPEED_NOISE,
+    crossover,
+    headline,
+    markdown_table,
+    pairing_notes,
+    superseded_notes,
+    write_csv,
+)
 
 
-def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
-    """Write every file; returns the Markdown and the paths written."""
+def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_NOISE) -> tuple[str, list[Path]]:
+    """Write every file; returns the Markdown and the paths written. Speedups within `speed_noise`
+    of 1.00x are called no clear speed change."""
     finished = [run for run in source.runs if run.status == "FINISHED" and "test/accuracy" in run.metrics]
     left_out = [run for run in source.runs if run not in finished]
     statuses = ", ".join(f"{sum(r.status == s for r in left_out)} {s}" for s in sorted({r.status for r in left_out}))
@@ -28,6 +38,7 @@ def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
     if left_out:
         notes.append(f"Left out {len(left_out)} run(s) that did not finish ({statuses}): "
                      + ", ".join(run.name for run in left_out) + ".")
+    notes += superseded_notes(rows) + pairing_notes(rows)
     devices = sorted({run.device for run in finished if run.device})
     if any(device.startswith("cpu") for device in devices):
         notes.append("Step times were measured on a CPU, where FP8 is emulated (quantize-dequantize around a "
@@ -36,7 +47,7 @@ def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
     files = [out / "report.md", out / "report.csv", out / "accuracy.png", out / "step_time.png"]
     write_csv(rows, out / "report.csv")
     plot_accuracy(rows, out / "accuracy.png")
-    note = crossover(rows)
+    note = crossover(rows, noise=speed_noise)
     plot_step_time(rows, out / "step_time.png", note)
     scale_plots = []
     for row in rows:
@@ -46,14 +57,18 @@ def write_report(client, source: Source, out: Path) -> tuple[str, list[Path]]:
     files += scale_plots
 
     lines = [f"# FP8 report: {source.title}", ""]
-    lines += [f"- {line}" for line in headline(rows)] or ["- nothing to compare against a baseline"]
+    lines += [f"- {line}" for line in headline(rows, speed_noise)] or ["- nothing to compare against a baseline"]
     if note:
         lines.append(f"- {note}")
-    lines += ["", markdown_table(rows), ""]
+    lines += ["", markdown_table(rows, speed_noise), ""]
     lines += [f"> {n}" for n in notes]
-    lines += ["", "Accuracy is the test split's, mean ± sd over seeds; Δ is in percentage points, paired by seed "
-              "where both precisions ran the same seeds (t-based 95% interval). Step time is the median over seeds "
-              "of each run's median step; speedup = baseline step time / this step time.", ""]
+    lines += ["", ("Each configuration counts a seed once: of reruns with the same configuration and seed, the latest "
+              "finished run. Accuracy is the test split's, mean ± sd over seeds; Δ is in percentage points, paired "
+              "on the seeds both precisions ran (unpaired, Welch, with fewer than 2 in common; t-based 95% interval). "
+              f"A verdict needs {MIN_SEEDS} or more seeds; when every seed gives the same difference there is no "
+              "interval, and only a zero difference is called exact. Step time is the median over seeds of each "
+              "run's median step; speedup = baseline step time / this step time, within "
+              f"±{speed_noise:.0%} of 1.00x no clear speed change."), ""]
     if inference.has_inference(rows):  # python -m fp8exp.infer_bench ran on this sweep
         lines += ["## Inference", "", inference.inference_table(rows), "", f"> {inference.NOTE}", ""]
     lines += ["![accuracy](accuracy.png)", "", "![step time](step_time.png)", ""]

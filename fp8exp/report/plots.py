@@ -20,6 +20,14 @@ def _figure(width: float = 7.0, height: float = 4.2, ncols: int = 1):
     return plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, height), squeeze=False)
 
 
+def _save(fig, path: Path, dpi: int = 110) -> None:
+    """Write and close: pyplot keeps every open figure alive."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _precisions(rows: list[Row]) -> list[str]:
     return sorted({row.precision for row in rows}, key=lambda p: (p != BASELINE, p))
 
@@ -42,7 +50,7 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_step_time(rows: list[Row], path: Path, note: str) -> None:
@@ -64,7 +72,7 @@ def plot_step_time(rows: list[Row], path: Path, note: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_fp8_scales(client, run: RunData, path: Path) -> bool:
@@ -87,5 +95,5 @@ def plot_fp8_scales(client, run: RunData, path: Path) -> bool:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"FP8 scales per layer: {run.name}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path, dpi=100)
+    _save(fig, path, dpi=100)
     return True

@@ -1,5 +1,6 @@
 """Configurations: runs grouped by everything but the seed, each compared with the baseline
-precision at the same setting."""
+precision at the same setting. A configuration counts each seed once: of reruns with the same
+configuration and seed, the latest finished run (see `latest_per_seed`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from fp8exp.report.stats import Delta, delta_ci
 
 @dataclass
 class Row:
-    """One configuration: every run that differs only by seed."""
+    """One configuration: the runs that differ only by seed, one per seed."""
 
     precision: str
     setting: tuple[tuple[str, str], ...]
     """The other params that vary in the sweep (model.hidden_dim first), as (key, value)."""
     runs: list[RunData] = field(default_factory=list)
+    superseded: list[RunData] = field(default_factory=list)
+    """Older runs of a seed in `runs`, left out of every number."""
     delta: Delta | None = None
     speedup: float | None = None
 
@@ -62,10 +65,20 @@ def setting_params(runs: list[RunData]) -> list[str]:
     return kept
 
 
+def latest_per_seed(runs: list[RunData]) -> tuple[list[RunData], list[RunData]]:
+    """(kept, superseded): for each seed the run that started last (a tie: ended last), since a
+    rerun is made to replace the run before it; the others, superseded, in input order."""
+    latest: dict[str, RunData] = {}
+    for run in sorted(runs, key=lambda r: (r.start_time, r.end_time or 0)):
+        latest[run.seed] = run
+    return [r for r in runs if latest[r.seed] is r], [r for r in runs if latest[r.seed] is not r]
+
+
 def build_rows(runs: list[RunData]) -> list[Row]:
     """Group finished runs into configurations and compare each with the baseline precision at
     the same setting. Options under `precision.` belong to the precision (float8 with another
-    amax history is another precision), so they never stop a match with the baseline."""
+    amax history is another precision), so they never stop a match with the baseline. Only the
+    latest run of each configuration and seed counts; `Row.superseded` keeps the others."""
     keys = setting_params(runs)
     by_config: dict[tuple, Row] = {}
     for run in runs:
@@ -74,6 +87,8 @@ def build_rows(runs: list[RunData]) -> list[Row]:
         precision = run.params.get(PRECISION, "?") + (f" ({', '.join(options)})" if options else "")
         setting = tuple((k, run.params.get(k, "")) for k in keys if not k.startswith("precision."))
         by_config.setdefault((precision, setting), Row(precision, setting)).runs.append(run)
+    for row in by_config.values():
+        row.runs, row.superseded = latest_per_seed(row.runs)
 
     rows = sorted(by_config.values(), key=lambda r: (r.hidden_dim or 0, r.setting, r.precision != BASELINE, r.precision))
     baselines = {row.setting: row for row in rows if row.precision == BASELINE}

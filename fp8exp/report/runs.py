@@ -25,6 +25,9 @@ class RunData:
     params: dict[str, str]
     metrics: dict[str, float]
     device: str = ""
+    start_time: int = 0
+    end_time: int | None = None
+    """Milliseconds since the epoch, as MLflow keeps them: which of two reruns is the later."""
 
     @property
     def seed(self) -> str:
@@ -43,7 +46,8 @@ class Source:
 
 def run_data(run) -> RunData:
     return RunData(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params),
-                   dict(run.data.metrics), run.data.tags.get("device", ""))
+                   dict(run.data.metrics), run.data.tags.get("device", ""), run.info.start_time or 0,
+                   run.info.end_time)
 
 
 def find_source(client, parent: str | None, experiment: str | None) -> Source:

@@ -1,5 +1,10 @@
 """The statistics behind a verdict: a mean difference with a t-based 95% confidence interval,
-paired by seed where both sides ran the same seeds."""
+paired by seed where both sides ran the same seeds.
+
+Rules for a verdict (gained / LOST / no clear change): it needs at least MIN_SEEDS seeds (pairs,
+or seeds on each side when unpaired); from fewer the interval is still reported. When every seed
+gives the same difference there is no spread to build a t interval from, so none is given: the
+difference is called exact only when it is zero ("identical on every seed")."""
 
 from __future__ import annotations
 
@@ -7,6 +12,17 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+MIN_SEEDS = 3
+"""From two seeds a t interval rests on one degree of freedom: too easily narrow by chance."""
+SAME = 1e-9
+"""Accuracies closer than this are equal: on a real test set they differ by at least one example
+(1/size), far above the rounding in logged values."""
+
+
+def seed_order(seed: str) -> tuple:
+    """Seeds in numeric order where they are numbers (2 before 10)."""
+    return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
 
 
 @dataclass
@@ -17,12 +33,26 @@ class Delta:
     low: float | None
     high: float | None
     n: int
+    """Pairs when paired; else this configuration's seeds."""
     paired: bool
+    n_baseline: int = 0
+    """Pairs when paired; else the baseline's seeds."""
+    constant: bool = False
+    """Every seed gave the same difference: no spread, so no interval."""
+    common: tuple[str, ...] = ()
+    """Seeds both sides ran: the pairs when paired."""
+    only_here: tuple[str, ...] = ()
+    """Seeds this configuration ran and the baseline did not (left out of a pairing)."""
+    only_baseline: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
+        if self.constant:
+            return "identical on every seed" if abs(self.mean) <= SAME else "no variance across seeds: CI undefined"
         if self.low is None:
             return "one seed: no CI"
+        if min(self.n, self.n_baseline) < MIN_SEEDS:
+            return f"too few seeds to decide (n={min(self.n, self.n_baseline)})"
         if self.high < 0:
             return "LOST accuracy"
         if self.low > 0:
@@ -32,21 +62,27 @@ class Delta:
 
 def delta_ci(values: dict[str, float], baseline: dict[str, float], confidence: float = 0.95) -> Delta:
     """`values` and `baseline` map seed -> metric. Seeds present in both are paired (the same
-    data order and initialisation, so seed-to-seed noise cancels); otherwise Welch's interval."""
+    data order and initialisation, so seed-to-seed noise cancels) when there are two or more,
+    the others left out; otherwise Welch's interval over every seed."""
     from scipy import stats
 
-    common = sorted(set(values) & set(baseline))
-    if len(common) >= 2:
-        diffs = np.array([values[s] - baseline[s] for s in common])
-        half = stats.t.ppf((1 + confidence) / 2, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
-        return Delta(float(diffs.mean()), float(diffs.mean() - half), float(diffs.mean() + half), len(diffs), True)
+    seeds = {"common": tuple(sorted(set(values) & set(baseline), key=seed_order)),
+             "only_here": tuple(sorted(set(values) - set(baseline), key=seed_order)),
+             "only_baseline": tuple(sorted(set(baseline) - set(values), key=seed_order))}
+    if len(seeds["common"]) >= 2:
+        diffs = np.array([values[s] - baseline[s] for s in seeds["common"]])
+        mean, n = float(diffs.mean()), len(diffs)
+        if np.ptp(diffs) <= SAME:
+            return Delta(mean, None, None, n, True, n, constant=True, **seeds)
+        half = stats.t.ppf((1 + confidence) / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n)
+        return Delta(mean, mean - half, mean + half, n, True, n, **seeds)
     a, b = np.array(list(values.values())), np.array(list(baseline.values()))
     mean = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
-        return Delta(mean, None, None, min(len(a), len(b)), False)
+        return Delta(mean, None, None, len(a), False, len(b), **seeds)
+    if np.ptp(a) <= SAME and np.ptp(b) <= SAME:
+        return Delta(mean, None, None, len(a), False, len(b), constant=True, **seeds)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return Delta(mean, mean, mean, min(len(a), len(b)), False)
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = stats.t.ppf((1 + confidence) / 2, dof) * math.sqrt(va + vb)
-    return Delta(mean, mean - half, mean + half, min(len(a), len(b)), False)
+    return Delta(mean, mean - half, mean + half, len(a), False, len(b), **seeds)
