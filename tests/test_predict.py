@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,16 @@ def test_predict_classifies_a_file_and_stdin(store, runs, server, tmp_path):
     assert notes == ["fp8exp.predict: note: 1 of 3 inputs were longer than the model's 16 tokens and were truncated"]
 
 
+def test_a_file_and_stdin_split_texts_at_newlines_only(tmp_path):
+    # U+2028, U+0085, a form feed and a lone "\r" are inside texts, not line ends; stdin is read as
+    # sys.stdin is (a TextIOWrapper, whose universal newlines would break at the "\r").
+    content = "one\u2028text\x85with\x0cseparators\rinside\r\nsecond text\n"
+    (tmp_path / "texts.txt").write_text(content, encoding="utf-8", newline="")
+    from_file = predict.parse_args(["run_id=x", f"file={tmp_path / 'texts.txt'}"]).texts
+    from_stdin = predict.parse_args(["run_id=x"], stdin=io.TextIOWrapper(io.BytesIO(content.encode()))).texts
+    assert from_file == from_stdin == ["one\u2028text\x85with\x0cseparators\rinside", "second text"]
+
+
 @pytest.mark.slow
 def test_predict_learned_the_reviews_and_tokenizes_as_training_did(store, runs):
     from fp8exp.data import tokenize
@@ -281,6 +292,64 @@ def test_help_and_argument_errors_are_fast_and_import_no_keras():
         "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, text, file, tracking.uri, format"]
 
 
+# ---------------------------------------------------------------- mlflow.pyfunc.load_model
+
+
+@pytest.mark.slow
+def test_pyfunc_gives_one_prediction_per_text_for_every_input_shape(store, runs):
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    directory = model_dir(store, runs["float8"])
+    model = mlflow.pyfunc.load_model(str(directory))  # schema enforcement included, as served
+    expected = serving.TextClassifier.load(directory).classify(TEXTS)
+    many = {"DataFrame": pd.DataFrame({"text": TEXTS}), "Series": pd.Series(TEXTS), "list": list(TEXTS),
+            "dict of a list": {"text": list(TEXTS)}, "array": np.array(TEXTS)}
+    one = {"string": TEXTS[0], "dict of a string": {"text": TEXTS[0]}}
+    for shape, model_input in [*many.items(), *one.items()]:
+        answer, count = model.predict(model_input), 2 if shape in many else 1
+        assert list(answer["label"]) == expected.labels[:count], shape
+        assert list(answer["probability"]) == pytest.approx(list(expected.probability[:count]), abs=1e-6), shape
+    for model_input in ([TEXTS[0], None, " "], {"text": [TEXTS[0], None, ""]}):
+        with pytest.raises(MlflowException, match=r"row 1: text is null, row 2: text is empty"):
+            model.predict(model_input)
+
+
+@pytest.mark.slow
+def test_a_saved_model_loads_and_predicts_without_fp8exp(store, runs, tmp_path):
+    """Also under an older layout's code file name (fp8exp/serving.py): MLflow loads the copy in the
+    model directory by its base name, so where fp8exp keeps its modules does not matter."""
+    import ast
+
+    import yaml
+
+    current = model_dir(store, runs["float8"])
+    mlmodel = yaml.safe_load((current / "MLmodel").read_text())
+    code_file = Path(mlmodel["flavors"]["python_function"]["model_code_path"]).name  # the copy MLflow loads
+    tree = ast.parse((current / code_file).read_text())
+    modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    modules += ["." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert "mlflow.pyfunc" in modules and not [m for m in modules if m.split(".")[0] in ("fp8exp", "")], modules
+
+    older = tmp_path / "older"
+    shutil.copytree(current, older)
+    (older / code_file).rename(older / "serving.py")
+    mlmodel["flavors"]["python_function"]["model_code_path"] = "/gone/site-packages/fp8exp/serving.py"
+    (older / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+    script = ("import sys; sys.modules['fp8exp'] = None\n"
+              "import mlflow.pyfunc\n"
+              "for path in sys.argv[1:]:\n"
+              "    print(list(mlflow.pyfunc.load_model(path).predict([" + repr(TEXTS[0]) + "])['label']))\n"
+              "assert sys.modules['fp8exp'] is None and not [m for m in sys.modules if m.startswith('fp8exp.')]\n")
+    environment = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}  # fp8exp sets it
+    result = subprocess.run([sys.executable, "-c", script, str(current), str(older)], capture_output=True,
+                            text=True, cwd=tmp_path, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["['pos']", "['pos']"]
+
+
 # ---------------------------------------------------------------- mlflow models serve
 
 
@@ -315,5 +384,11 @@ def test_served_model_answers_a_request_on_localhost(store, runs, server):
     expected = serving.TextClassifier.load(model_dir(store, runs["float8"])).classify(TEXTS)
     assert [p["label"] for p in predictions] == expected.labels == ["pos", "neg"]
     assert [p["probability"] for p in predictions] == pytest.approx(list(expected.probability), abs=1e-6)
+    for body in ({"dataframe_records": [{"text": t} for t in TEXTS]}, {"inputs": TEXTS}, {"inputs": {"text": TEXTS}},
+                 {"instances": TEXTS}):
+        status, answer = invoke(served, body)
+        assert status == 200 and [p["label"] for p in answer["predictions"]] == expected.labels, (body, answer)
     status, answer = invoke(served, {"dataframe_records": [{"comment": "no text column"}]})
     assert status == 400 and "text" in answer["message"]
+    status, answer = invoke(served, {"dataframe_split": {"columns": ["text"], "data": [[TEXTS[0]], [None], [""]]}})
+    assert status == 400 and "row 1: text is null, row 2: text is empty" in answer["message"], answer

@@ -67,12 +67,18 @@ def parse_settings(argv: list[str], keys=KEYS, repeatable=REPEATABLE) -> dict[st
 
 
 def read_lines(name: str, stdin) -> list[str]:
+    """One text per "\n"-ended line, a trailing "\r" dropped, from a file and stdin alike: not
+    splitlines(), which also breaks at U+2028, U+0085 and form feeds, nor sys.stdin's universal
+    newlines, which break at a lone "\r": its bytes are decoded instead, as UTF-8 like a file's."""
     if name == "-":
-        return [line.rstrip("\r\n") for line in stdin]
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise UsageError(f"file: {name} does not exist" if not path.exists() else f"file: {name} is not a file")
-    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        buffer = getattr(stdin, "buffer", None)
+        text = buffer.read().decode("utf-8", errors="replace") if buffer else stdin.read()
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UsageError(f"file: {name} does not exist" if not path.exists() else f"file: {name} is not a file")
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def parse_args(argv: list[str], stdin=None) -> Args:

@@ -14,6 +14,15 @@ The run's artifact `model/` is an MLflow model directory:
 Inputs are strings. A synthetic run has no tokenizer: its inputs are token ids separated by
 spaces ("5 17 33"). Longer inputs are truncated to the model's sequence length.
 
+`mlflow.pyfunc.load_model(...).predict` and `mlflow models serve` give one prediction per text for
+a DataFrame with a column `text` (or one unnamed column), a Series, a list or NumPy array of
+strings, one string, and a dict {"text": [...]} or {"text": "one"}; over HTTP, `dataframe_split`,
+`dataframe_records`, `inputs` and `instances`. The signature declares outputs only: MLflow's input
+schema enforcement would refuse some of these or turn {"text": [a, b]} into one text (save.py
+says which). A null (None, NaN) or empty text is refused, naming every such row (from 0): "row 1:
+text is null, row 2: text is empty; ...", a 400 when served, since the model would answer "nan" or
+nothing with a confident label.
+
 This file is also the MLflow "model from code": it imports only the standard library, NumPy,
 pandas, Keras, keras-hub and MLflow, never the rest of fp8exp, so the logged model serves
 without fp8exp installed (`mlflow models serve -m runs:/RUN_ID/model --env-manager local`).
@@ -108,6 +117,23 @@ def load_keras(path: Path, meta: dict):
     return model
 
 
+def check_texts(texts: list) -> None:
+    """Refuse no texts, and name the rows (from 0) that are null, not strings or empty: the model
+    would otherwise answer them with a confident label."""
+    if not texts:
+        raise InputError("no input: give at least one text")
+    problems = []
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            null = pd.api.types.is_scalar(text) and pd.isna(text)
+            problems.append(f"row {row}: text is {'null' if null else type(text).__name__ + ', not a string'}")
+        elif not text.strip():
+            problems.append(f"row {row}: text is empty")
+    if problems:
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InputError(f"{', '.join(problems[:5])}{more}; give every row a non-empty string")
+
+
 @dataclass
 class Encoded:
     ids: np.ndarray
@@ -171,9 +197,7 @@ class TextClassifier:
 
     def encode(self, texts: list[str]) -> Encoded:
         """Token ids padded or truncated to the sequence length, as training prepared them."""
-        texts = [str(text) for text in texts]
-        if not texts:
-            raise InputError("no input: give at least one text")
+        check_texts(texts)
         if self.takes_token_ids:
             return self._parse_ids(texts)
         if self.meta["lowercase"]:
@@ -223,21 +247,23 @@ class TextClassifier:
 # ---------------------------------------------------------------- MLflow pyfunc
 
 
-def input_texts(model_input) -> list[str]:
-    """A DataFrame (column `text`, else its only column), a Series, a list or array, one string."""
+def input_texts(model_input) -> list:
+    """The texts of any accepted input, one per row or item (see the module docstring); MLflow hands
+    the input over as given, the signature declaring no input schema."""
     if isinstance(model_input, pd.DataFrame):
         if "text" in model_input.columns:
-            column = model_input["text"]
-        elif len(model_input.columns) == 1:
-            column = model_input.iloc[:, 0]
+            model_input = model_input["text"]
+        elif list(model_input.columns) == [0]:  # `dataframe_split` without columns, pd.DataFrame(list)
+            model_input = model_input[0]
         else:
             raise InputError(f"expected a column 'text', got columns {list(model_input.columns)}")
-        return [str(value) for value in column]
+    elif isinstance(model_input, dict):
+        if "text" not in model_input:
+            raise InputError(f"expected a key 'text', got keys {list(model_input)}")
+        model_input = model_input["text"]
     if isinstance(model_input, str):
         return [model_input]
-    if isinstance(model_input, dict) and "text" in model_input:
-        return input_texts(pd.DataFrame({"text": list(np.atleast_1d(model_input["text"]))}))
-    return [str(value) for value in np.asarray(model_input).ravel()]
+    return list(np.asarray(model_input, dtype=object).ravel())
 
 
 class PyfuncTextClassifier(mlflow.pyfunc.PythonModel):
@@ -248,6 +274,7 @@ class PyfuncTextClassifier(mlflow.pyfunc.PythonModel):
         self.classifier = TextClassifier.from_files(artifacts["keras_model"], artifacts["meta"],
                                                     artifacts.get("vocabulary"))
 
+    # Any shape input_texts takes: MLflow neither validates a DataFrame hint nor, given one, warns to add hints.
     def predict(self, context, model_input: pd.DataFrame, params=None):
         try:
             result = self.classifier.classify(input_texts(model_input))

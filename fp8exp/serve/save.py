@@ -65,11 +65,14 @@ def pip_requirements() -> list[str]:
 
 
 def signature():
+    """Outputs only. Any input schema makes MLflow refuse some accepted shape before pyfunc.py sees
+    it: a column `text` refuses lists, strings and arrays; an unnamed column, {"inputs": {"text": [...]}}
+    over HTTP; and a dict {"text": [a, b]} becomes one row holding the list. pyfunc.input_texts
+    checks the input instead."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                          outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+    return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
 
 
 def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None) -> Path:
