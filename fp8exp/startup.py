@@ -25,20 +25,30 @@ CHATTER = re.compile(
 @contextlib.contextmanager
 def filtered_stderr(chatter: re.Pattern = CHATTER) -> Iterator[None]:
     """Capture descriptor 2 (C++ and Python alike) and pass on every line `chatter` does not match."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon started with 2>&-): nothing to filter
+        yield
+        return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            try:
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            finally:  # descriptor 2 comes back whatever happened above
+                os.dup2(saved, 2)
+                os.close(saved)
             capture.seek(0)
             kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
                     if not chatter.search(line)]
-            if kept:
+            if kept and sys.stderr is not None:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
 
@@ -46,10 +56,12 @@ def filtered_stderr(chatter: re.Pattern = CHATTER) -> Iterator[None]:
 class QuietTensorFlow(importlib.abc.MetaPathFinder):
     """Wraps the loading of the `tensorflow` package in `filtered_stderr`, once."""
 
+    done = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self.done:
             return None
-        sys.meta_path.remove(self)
+        self.done = True  # a flag, not removal: another thread may be walking sys.meta_path
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             load = spec.loader.exec_module

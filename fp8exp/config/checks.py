@@ -92,7 +92,9 @@ def validate(cfg: DictConfig) -> None:
 
     _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
     _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.checkpoint_every", optional=True)
-    _positive(cfg, "trainer.stale_after_s")
+    if cfg.trainer.stale_after_s < 180:
+        raise ConfigError("trainer.stale_after_s", f"got {cfg.trainer.stale_after_s}, expected at least 180 seconds "
+                          "(three missed heartbeats): a live run must not look gone")
     if (cfg.trainer.resume or cfg.trainer.resume_from) and cfg.tracking.name == "none":
         key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
         raise ConfigError(key, "needs tracking=mlflow: checkpoints live in the MLflow run")

@@ -144,11 +144,12 @@ class TrainerConfig:
     new run when there is none (so a preemptible job can always pass it)."""
     resume_from: Optional[str] = None
     """Continue this MLflow run id from its checkpoint (its settings must match)."""
-    stale_after_s: float = 600.0
+    stale_after_s: float = 3600.0
     """trainer.resume also takes a RUNNING run of this config whose process is gone (killed by
-    SIGKILL or the OOM killer): one on this host whose pid is not alive, or one whose heartbeat
-    (tag fp8exp.heartbeat, written every minute while training) is older than this. It is marked
-    KILLED first."""
+    SIGKILL or the OOM killer): one on this host (same pid namespace) whose pid is not alive, or,
+    elsewhere, one whose heartbeat (tag fp8exp.heartbeat, every minute while training and
+    validating, not during the final evaluation and saving) is older than this. It is marked
+    KILLED first. At least 180 (three missed heartbeats)."""
 
 
 @dataclass

@@ -35,14 +35,15 @@ def _devices(distribution: DictConfig) -> list:
     return available[:count]
 
 
-def check_model_axis(model: DictConfig, ways: int) -> None:
+def check_model_axis(model: DictConfig, ways: int, devices: int) -> None:
     """The sharded dimensions (embedding width, attention heads, feed-forward width: see
     KERNEL_LAYOUTS) must divide by the model axis, or JAX fails later with IndivisibleError."""
     sizes = {"model.num_heads": model.num_heads, "model.hidden_dim": model.hidden_dim,
              "model.intermediate_dim": model.intermediate_dim}
     for key, size in sizes.items():
         if size % ways:
-            fitting = [d for d in range(1, ways + 1) if all(s % d == 0 for s in sizes.values())]
+            fitting = [d for d in range(1, devices + 1)
+                       if devices % d == 0 and all(s % d == 0 for s in sizes.values())]
             raise ConfigError("distribution.mesh_shape", f"the model axis has {ways} devices, but {key}={size} does "
                               f"not divide by {ways}; use a model axis of {' or '.join(map(str, fitting))} "
                               f"(distribution.mesh_shape=[batch, model]) or a {key} that {ways} divides")
@@ -60,7 +61,7 @@ def make(distribution: DictConfig, model_cfg: DictConfig):
     if batch * model != len(devices):
         raise ConfigError("distribution.mesh_shape", f"[{batch}, {model}] needs {batch * model} devices, "
                           f"{len(devices)} are in use")
-    check_model_axis(model_cfg, model)
+    check_model_axis(model_cfg, model, len(devices))
     mesh = keras.distribution.DeviceMesh((batch, model), ["batch", "model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
     for pattern, layout in KERNEL_LAYOUTS.items():

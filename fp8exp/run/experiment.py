@@ -128,7 +128,8 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                                                    stop, save)
             checkpointer.start_at(start_step)
             guard = stopping.NonFiniteGuard(lambda: checkpointer.last_saved)
-            if resume and start_step >= steps * cfg.trainer.epochs:
+            trained_out = resume is not None and start_step >= steps * cfg.trainer.epochs
+            if trained_out:
                 # Stopped after its last step (during the final validation, say): nothing is left
                 # to train, so the state goes in now, then evaluation, logging and saving follow.
                 checkpoint.restore_untrained(net, resume.state)
@@ -151,7 +152,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                     guard.check_fp8_metrics(metrics, step)
 
                 fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
-                if start_step:  # logged before the interruption; the next log point follows from it
+                # Logged before the interruption, the next log point follows from it; a run with
+                # nothing left to train logs its final state at the end, unless it was a log point.
+                if start_step and (not trained_out or start_step % cfg.tracking.fp8_log_every == 0):
                     fp8_logger.logged_steps.append(start_step)
                 callbacks.append(fp8_logger)
             callbacks += [guard, checkpointer]
@@ -187,7 +190,7 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
     (scales, histories, probe), and which layers it covers. Returns metrics to log."""
     metrics = report_fp8_gemm(run, net, splits, cfg) if cfg.tracking.fp8_gemm_check else {}
     if logger is not None and logger.probe is not None:
-        if not logger.probe.captures:  # no log point in this process: it resumed at its last step
+        if not logger.probe.captures:  # resumed at its last step, which was a log point: measure now
             started = time.perf_counter()
             logger.probe_metrics = logger.probe.metrics()
             logger.probe_seconds += time.perf_counter() - started

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fp8exp.config import ConfigError, offline_uri, tracking_uri
 from fp8exp.run.checkpoint import ARTIFACT, CheckpointError, TrainingState, read
 from fp8exp.tracking import redact
-from fp8exp.tracking.callbacks import HEARTBEAT_TAG, HOST_TAG, PID_TAG
+from fp8exp.tracking.callbacks import HEARTBEAT_TAG, HOST_TAG, PID_TAG, PIDNS_TAG, pid_namespace
 from fp8exp.tracking.run import flatten
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Settings that do not change what is trained: they may differ between a run and its resumption.
 NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
                 "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
-                "data.cache_dir"}
+                "data.cache_dir", "data.max_download_bytes", "trainer.stale_after_s"}
 RESUMABLE = ("KILLED", "FAILED")
 
 
@@ -73,13 +73,15 @@ def process_gone(run, stale_after_s: float) -> bool:
     """A RUNNING run nobody runs any more: its process on this host is not alive, or its last
     heartbeat (or its start, if it never beat) is older than `stale_after_s`."""
     tags = run.data.tags
-    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PIDNS_TAG) == pid_namespace() \
+            and tags.get(PID_TAG, "").isdigit():  # the same pid space: the pid alone decides
         try:
             os.kill(int(tags[PID_TAG]), 0)
         except ProcessLookupError:
             return True
         except PermissionError:  # alive, another user's
             pass
+        return False
     last = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
     return time.time() - last > stale_after_s
 
@@ -101,7 +103,7 @@ def find_resume(cfg: DictConfig, online: bool = True) -> Resume | None:
         try:
             run = client.get_run(cfg.trainer.resume_from)
         except MlflowException:
-            raise ConfigError(key, f"no run {cfg.trainer.resume_from} in {tracking_uri(cfg)}") from None
+            raise ConfigError(key, f"no run {cfg.trainer.resume_from} in {redact.text(tracking_uri(cfg))}") from None
         if run.info.status == "FINISHED":
             raise ConfigError(key, f"run {run.info.run_id} already FINISHED; nothing to resume")
         current = comparable_params(cfg)
@@ -131,16 +133,17 @@ def _find_offline(cfg: DictConfig) -> Resume:
     if path is None or Path(path).is_file():
         client = MlflowClient(where)
         candidates = [run for run in _checkpointed_candidates(client, cfg)
-                      if not cfg.trainer.resume_from or cfg.trainer.resume_from in
-                      (run.info.run_id, run.data.tags.get("fp8exp.sync.remote_run_id"))]
+                      if run.data.tags.get("fp8exp.sync.status") != "done"  # the server's copy is newer
+                      and (not cfg.trainer.resume_from or cfg.trainer.resume_from in
+                           (run.info.run_id, run.data.tags.get("fp8exp.sync.remote_run_id")))]
         found = candidates[0] if candidates else None
     if found is None:
-        raise ConfigError(key, f"the tracking server {tracking_uri(cfg)} is unreachable and the offline store {where} "
+        raise ConfigError(key, f"the tracking server {redact.text(tracking_uri(cfg))} is unreachable and the offline store {where} "
                           "holds no checkpointed run of this config to continue; start the server (or fix "
                           "tracking.uri) to resume from its checkpoint, or pass trainer.resume=false to start a new run")
     log.warning("trainer.resume: the tracking server %s is unreachable: continuing run %s from its checkpoint in the "
                 "offline store %s; deliver it later with python -m fp8exp.tracking_sync --from %s",
-                tracking_uri(cfg), found.info.run_id, where, where)
+                redact.text(tracking_uri(cfg)), found.info.run_id, where, where)
     return _download(client, found, key, cfg)
 
 

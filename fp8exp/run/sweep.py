@@ -248,8 +248,8 @@ class SweepCallback(Callback):
             self._end(self._records())
 
     def _end(self, records: list[JobRecord]) -> None:
-        """End the parent `status`; a store that fails costs one warning line, and `ended` stays
-        False so the exit hook tries again."""
+        """End the parent run as `status`. A store that fails costs one warning line, not the
+        summary or the exit status, and `ended` stays False so the exit hook tries again."""
         parent = self.sweep.parent_run_id if self.sweep else None
         if not parent:
             self.ended = True
@@ -259,11 +259,11 @@ class SweepCallback(Callback):
         from fp8exp.tracking import redact
         from fp8exp.tracking.store import fast_failing_http
 
-        client = MlflowClient(self.uri)
         try:
             with fast_failing_http():
-                # A child whose process died without a word (SIGKILL, out of memory) is still RUNNING.
+                client = MlflowClient(self.uri)
                 experiment = client.get_run(parent).info.experiment_id
+                # A child whose process died without a word (SIGKILL, out of memory) is still RUNNING.
                 for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and "
                                                               "attributes.status = 'RUNNING'"):
                     client.set_terminated(child.info.run_id, "KILLED")
@@ -275,10 +275,10 @@ class SweepCallback(Callback):
         except Exception as error:  # noqa: BLE001
             if not self.warned:
                 self.warned = True
-                uri = redact.text(self.uri)
+                uri, reason = redact.text(self.uri), (str(error).splitlines() or [""])[0][:200]
                 print(f"fp8exp: warning: could not end the sweep's parent run {parent} as {self.status} in {uri} "
-                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); it may show RUNNING: once the "
-                      f"store is back, run  python -c \"from mlflow import MlflowClient; MlflowClient('{uri}')"
+                      f"({type(error).__name__}: {reason}); it may show RUNNING: once the store is back, run  "
+                      f"python -c \"from mlflow import MlflowClient; MlflowClient('{uri}')"
                       f".set_terminated('{parent}', '{self.status}')\"", file=sys.stderr)
             return
         self.ended = True

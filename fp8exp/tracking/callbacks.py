@@ -40,14 +40,23 @@ def metric_key(keras_key: str) -> str:
     return "val/" + keras_key[len("val_"):] if keras_key.startswith("val_") else "train/" + keras_key
 
 
-HOST_TAG, PID_TAG, HEARTBEAT_TAG = "fp8exp.host", "fp8exp.pid", "fp8exp.heartbeat"
+HOST_TAG, PID_TAG, PIDNS_TAG, HEARTBEAT_TAG = "fp8exp.host", "fp8exp.pid", "fp8exp.pidns", "fp8exp.heartbeat"
 HEARTBEAT_S = 60.0
+
+
+def pid_namespace() -> str:
+    """The pid namespace's id: containers sharing a host name can have pid spaces of their own."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def process_tags() -> dict[str, str]:
     """Which process runs the run: with the heartbeat, how trainer.resume tells a run that is
     training from one whose process was killed without a word."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: f"{time.time():.0f}"}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PIDNS_TAG: pid_namespace(),
+            HEARTBEAT_TAG: f"{time.time():.0f}"}
 
 
 class Heartbeat(keras.callbacks.Callback):
@@ -61,7 +70,8 @@ class Heartbeat(keras.callbacks.Callback):
         self._last = time.monotonic()
 
     def _beat(self) -> None:
-        if time.monotonic() - self._last >= self.every_s:
+        # While the store is away a beat would only wait on the queue's head (a checkpoint upload, say).
+        if time.monotonic() - self._last >= self.every_s and not self.run.in_outage:
             self._last = time.monotonic()
             self.run.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
 

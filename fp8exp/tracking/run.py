@@ -87,6 +87,11 @@ class NullRun:
     def flush(self) -> None:
         pass
 
+    @property
+    def in_outage(self) -> bool:
+        """Whether the store is unreachable right now (calls are queued)."""
+        return False
+
 
 @dataclass
 class Journal:
@@ -180,6 +185,10 @@ class MlflowRun(NullRun):
         self._queue = [entry for entry in self._queue if entry[0] != key]
         self._queue.append((key, call))
         self._deliver()
+
+    @property
+    def in_outage(self) -> bool:
+        return self._in_outage
 
     @property
     def pending(self) -> int:
