@@ -233,3 +233,79 @@ def test_readme_sweeps_expand_to_valid_jobs(command):
         master = GlobalHydra.instance().config_loader().load_configuration("config", args, RunMode.MULTIRUN)
         jobs = job_overrides(master)
         assert len(validated_jobs(master, jobs)) == len(jobs) > 1
+
+
+# --- the launcher's callback alone: made-up job records, no training --------------------------------
+
+@pytest.fixture
+def launcher(tmp_path, monkeypatch):
+    """start(*overrides) runs SweepCallback.on_multirun_start on the launching process's config,
+    as Hydra would (the SIGTERM handler left out, exit hooks captured instead of registered);
+    returns (callback, config, exit hooks)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from fp8exp.run import sweep
+
+    hooks = []
+    monkeypatch.setattr(sweep, "interrupt_on_sigterm", lambda: None)
+    monkeypatch.setattr(sweep.atexit, "register", hooks.append)
+
+    def start(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            config = GlobalHydra.instance().config_loader().load_configuration(
+                "config", [*FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides], RunMode.MULTIRUN)
+            callback = sweep.SweepCallback()
+            callback.on_multirun_start(config)
+        return callback, config, hooks
+
+    return start
+
+
+def job_records(callback, *statuses: str) -> None:
+    from fp8exp.run.sweep import JobRecord
+
+    for num, status in enumerate(statuses):
+        output_dir = Path(callback.sweep.dir, str(num))
+        output_dir.mkdir()
+        JobRecord(num, f"job{num}", [f"trainer.seed={num}"], None).save(
+            str(output_dir), status=status, error=None if status == "FINISHED" else "RuntimeError: boom",
+            test_accuracy=0.5)
+
+
+def test_a_store_failing_at_the_end_still_gets_the_summary_exit_code_and_one_warning(launcher, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    callback, config, hooks = launcher("trainer.seed=0,1", f"tracking.uri={store}")
+    parent = callback.sweep.parent_run_id
+    job_records(callback, "FINISHED", "FAILED")
+    capsys.readouterr()  # MLflow's notes on creating the store
+
+    def store_fails(self, *args, **kwargs):
+        raise MlflowException("database is locked\nand more")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_terminated", store_fails)
+        with pytest.raises(SystemExit) as exited:
+            callback.on_multirun_end(config)
+        [at_exit] = [hook for hook in hooks if getattr(hook, "__self__", None) is callback]
+        at_exit()  # the store still fails: no second warning
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert "fp8exp sweep: 2 of 2 jobs ran, 1 finished, 1 failed" in out
+    [warning] = err.strip().splitlines()
+    assert warning.startswith(f"fp8exp: warning: could not end the sweep's parent run {parent} as FAILED")
+    assert f"set_terminated('{parent}', 'FAILED')" in warning
+    at_exit()  # the store is back: the parent ends as decided, not KILLED
+    assert MlflowClient(store).get_run(parent).info.status == "FAILED"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_sweeper_that_does_not_say_how_many_jobs_is_not_a_failed_sweep(launcher, capsys):
+    callback, config, hooks = launcher("hydra.sweeper._target_=hydra_plugins.example.OtherSweeper", "tracking=none")
+    job_records(callback, "FINISHED", "FINISHED")
+    callback.on_multirun_end(config)  # no SystemExit: nothing failed, nothing known to be missing
+    assert "fp8exp sweep: 2 jobs ran, 2 finished, 0 failed" in capsys.readouterr().out

@@ -7,10 +7,13 @@ tracking.required=false) is written whole into a local SQLite store, the offline
 
     python -m fp8exp.tracking_sync [--from sqlite:///mlflow-offline.db] [--to http://host:5000]
 
-tops up the server's copy of each pending run (the same run id, when the server has the part it
-received before the outage; a new run otherwise) with the params, tags, metric values and
-artifacts it lacks, sets its final status, and marks the offline copy `done`. Running it twice
-sends nothing twice: metric values are matched by (key, step, timestamp, value).
+tops up the server's copy of each pending run that has ended (the same run id, when the server
+has the part it received before the outage; a new run otherwise) with the params, tags, metric
+values and artifacts it lacks, sets its final status, and marks the offline copy `done`. A run
+still training is skipped: it stays pending. Running it twice, or again after a sync that broke
+off, sends nothing twice: the server run's id is recorded as soon as it exists, and metric values
+are matched by (key, step, timestamp, value). A sweep's parent goes first, so that its children
+(`mlflow.parentRunId`) nest under its server copy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 SYNC_TAGS = ("fp8exp.sync.status", "fp8exp.sync.target_uri", "fp8exp.sync.remote_run_id")
+ENDED = ("FINISHED", "FAILED", "KILLED")
 METRIC_LIMIT = 1000
 PARAM_LIMIT = 100
 
@@ -68,9 +72,22 @@ def _metric_id(metric) -> tuple:
     return metric.key, metric.step, metric.timestamp, value
 
 
-def sync_run(source, run, target_uri: str) -> tuple[str, int]:
-    """Top up (or create) the target's copy of the offline `run`; returns (target run id,
-    metric values sent)."""
+def server_parent(source, run) -> str | None:
+    """The `mlflow.parentRunId` to send: a parent in the offline store (a sweep started with its
+    server away) is named by its server copy's id, None while it has none."""
+    from mlflow.exceptions import MlflowException
+
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    try:
+        parent = source.get_run(parent_id) if parent_id else None
+    except MlflowException:  # the parent is on the server already
+        return parent_id
+    return parent.data.tags.get("fp8exp.sync.remote_run_id") if parent else None
+
+
+def sync_run(source, run, target_uri: str, parent_id: str | None = None) -> tuple[str, int]:
+    """Top up (or create) the target's copy of the offline `run` (a child of `parent_id` there);
+    returns (target run id, metric values sent)."""
     from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -78,7 +95,9 @@ def sync_run(source, run, target_uri: str) -> tuple[str, int]:
     from fp8exp.tracking.store import ensure_experiment
 
     target = MlflowClient(target_uri)
-    tags = run.data.tags
+    tags = dict(run.data.tags)
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
     remote_id = tags.get("fp8exp.sync.remote_run_id")
     remote = None
     if remote_id:
@@ -90,6 +109,8 @@ def sync_run(source, run, target_uri: str) -> tuple[str, int]:
         experiment = source.get_experiment(run.info.experiment_id).name
         experiment_id = ensure_experiment(target, experiment, None)
         remote = target.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name)
+        # Recorded now: a sync that breaks off below and is run again tops up this run, not a new one.
+        source.set_tag(run.info.run_id, "fp8exp.sync.remote_run_id", remote.info.run_id)
     remote_id = remote.info.run_id
 
     params = [Param(k, v) for k, v in run.data.params.items() if k not in remote.data.params]
@@ -104,9 +125,18 @@ def sync_run(source, run, target_uri: str) -> tuple[str, int]:
             local = source.download_artifacts(run.info.run_id, "", tmp)
             target.log_artifacts(remote_id, local)
     target.set_terminated(remote_id, run.info.status, run.info.end_time)
-    source.set_tag(run.info.run_id, "fp8exp.sync.remote_run_id", remote_id)
     source.set_tag(run.info.run_id, "fp8exp.sync.status", "done")
     return remote_id, len(metrics)
+
+
+def not_ready(run, parent_id: str | None) -> str | None:
+    """Why `run` waits for a later sync: a run still training (tracking.required=false logs it
+    here from its start) is not sent half-done, and a child not before its parent."""
+    if run.info.status not in ENDED:
+        return f"still {run.info.status}"
+    if parent_id is None and "mlflow.parentRunId" in run.data.tags:
+        return f"its parent run {run.data.tags['mlflow.parentRunId']} is not delivered yet"
+    return None
 
 
 def sync(source_uri: str, target_uri: str | None = None, out=sys.stdout) -> int:
@@ -119,19 +149,27 @@ def sync(source_uri: str, target_uri: str | None = None, out=sys.stdout) -> int:
     if not pending:
         print(f"fp8exp.tracking_sync: nothing pending in {source_uri}", file=out)
         return 0
-    failed = 0
+    pending.sort(key=lambda run: "mlflow.parentRunId" in run.data.tags)  # a sweep's parent before its children
+    failed = skipped = 0
     for run in pending:
+        label = f"  {run.info.run_id} {run.info.run_name}"
         target = target_uri or run.data.tags["fp8exp.sync.target_uri"]
+        parent_id = server_parent(source, run)
+        wait = not_ready(run, parent_id)
+        if wait:
+            skipped += 1
+            print(f"{label}: skipped, {wait}; it stays pending for the next sync", file=out)
+            continue
         try:
-            remote_id, sent = sync_run(source, run, target)
+            remote_id, sent = sync_run(source, run, target, parent_id)
         except Exception as error:  # noqa: BLE001  (one unreachable target does not stop the others)
             failed += 1
-            print(f"  {run.info.run_id} {run.info.run_name}: NOT delivered to {target}: "
-                  f"{str(error).splitlines()[0][:200]}", file=out)
+            print(f"{label}: NOT delivered to {target}: {str(error).splitlines()[0][:200]}", file=out)
             continue
-        print(f"  {run.info.run_id} {run.info.run_name}: delivered to {target} as run {remote_id} "
-              f"({sent} metric values, status {run.info.status})", file=out)
-    print(f"fp8exp.tracking_sync: {len(pending) - failed} of {len(pending)} pending runs delivered", file=out)
+        print(f"{label}: delivered to {target} as run {remote_id} ({sent} metric values, status {run.info.status})",
+              file=out)
+    print(f"fp8exp.tracking_sync: {len(pending) - failed - skipped} of {len(pending)} pending runs delivered"
+          + (f", {skipped} skipped" if skipped else ""), file=out)
     return failed
 
 
