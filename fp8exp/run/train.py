@@ -35,12 +35,20 @@ COMPILATIONS = _count_compilations()
 @dataclass
 class Call:
     """One training call: the optimizer step it ended at, how many steps it ran, its wall time,
-    and whether JAX compiled during it (then it measures the compiler, not a step)."""
+    whether JAX compiled during it (then it measures the compiler, not a step), whether it ran
+    a partial last batch (less work than a step), and whether it opened an epoch (it re-gathers
+    the state that validation synced back to the host)."""
 
     step: int
     steps: int
     seconds: float
     compiled: bool
+    partial: bool = False
+    opens_epoch: bool = False
+
+    @property
+    def timed(self) -> bool:
+        return not (self.compiled or self.partial or self.opens_epoch)
 
 
 class StepTimer(StepCallback):
@@ -62,17 +70,20 @@ class StepTimer(StepCallback):
         elapsed = time.perf_counter() - self._started
         previous = self.step
         super().on_train_batch_end(batch, logs)
+        params = self.params or {}
         compiled = not self.calls or COMPILATIONS[0] != self._compilations
-        self.calls.append(Call(self.step, self.step - previous, elapsed, compiled))
+        partial = bool(params.get("partial_last")) and self.step - self._epoch_start == params.get("steps")
+        self.calls.append(Call(self.step, self.step - previous, elapsed, compiled, partial,
+                               opens_epoch=previous == self._epoch_start and bool(self.calls)))
 
     def step_times(self, disturbed_steps=()) -> np.ndarray:
-        """Seconds per optimizer step, leaving out every call that compiled (the first, and a
-        partial last batch's new shape), the calls that ended at a disturbed step (a callback
-        read the model there) and the calls right after them (which re-gather the model state)."""
+        """Seconds per optimizer step over the calls that ran full compiled steps (see Call),
+        leaving out too the calls that ended at a disturbed step (a callback read the model there)
+        and the calls right after them (which re-gather the model state)."""
         disturbed = set(disturbed_steps)
         times = []
         for index, call in enumerate(self.calls):
-            if call.compiled or call.step in disturbed or (index and self.calls[index - 1].step in disturbed):
+            if not call.timed or call.step in disturbed or (index and self.calls[index - 1].step in disturbed):
                 continue
             times.append(call.seconds / call.steps)
         return np.asarray(times)
@@ -159,7 +170,8 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
             order = order[done_in_first * trainer.batch_size:]
         # This fit's real batch count: the step count caps Keras' end step with it, and the
         # progress bar of a resumed epoch counts what is left.
-        callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size)})
+        callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size),
+                                  "partial_last": len(order) % trainer.batch_size != 0})
         model.fit(
             splits.x_train[order], splits.y_train[order],
             validation_data=(splits.x_val, splits.y_val),
