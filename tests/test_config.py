@@ -7,13 +7,16 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from fp8exp.config import PRECISIONS, ConfigError, tracking_uri, validate
+from fp8exp.config.schema import model_name
 from tests.conftest import CONF, compose_config
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+CLASSIFIER_MODELS = ["base", "large", "small", "tiny"]
+FAMILY_MODELS = [f"{family}_{size}" for family in ("bert", "gemma", "gpt2", "llama") for size in ("base", "small", "tiny")]
 
 
 def test_presets_are_the_documented_ones():
-    assert MODELS == ["base", "large", "small", "tiny"]
+    assert MODELS == sorted(CLASSIFIER_MODELS + FAMILY_MODELS)
     assert sorted(p.stem for p in (CONF / "precision").glob("*.yaml")) == sorted(PRECISIONS)
 
 
@@ -22,10 +25,10 @@ def test_every_precision_and_model_composes(precision, model):
     cfg = compose_config(f"precision={precision}", f"model={model}")
     validate(cfg)
     assert cfg.precision.name == precision
-    assert cfg.model.preset == model
+    assert model_name(cfg.model) == model
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", CLASSIFIER_MODELS)
 def test_hidden_dim_512_alone_is_valid(model):
     cfg = compose_config(f"model={model}", "model.hidden_dim=512")
     validate(cfg)

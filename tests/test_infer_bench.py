@@ -18,7 +18,7 @@ from fp8exp.report import runs as report_runs
 from fp8exp.report.__main__ import main as report_main
 from fp8exp.serve import bench as infer_bench
 from fp8exp.serve import ptq
-from tests.test_predict import model_dir, text_runs, uri
+from tests.test_predict import model_dir, model_id, text_runs, uri
 from tests.test_report import log_sweep
 
 
@@ -102,6 +102,21 @@ def test_bad_runs_are_one_line_and_exit_2(store, capsys):
         assert err.startswith("fp8exp.infer_bench: error: ") and message in err and "\n" not in err, err
     assert infer_bench.main(["batch_sizes=1,zero"]) == 2
     assert capsys.readouterr().err.strip() == "fp8exp.infer_bench: error: batch_sizes: got 'zero', expected a number"
+
+
+@pytest.mark.slow
+def test_a_logged_model_is_benchmarked_by_its_id_and_the_results_land_on_it_too(store, tmp_path):
+    runs = text_runs(store)
+    client = MlflowClient(uri(store))
+    fp8_model = model_id(store, runs["float8"])
+    assert infer_bench.main([f"model_id={fp8_model}", f"tracking.uri={uri(store)}", f"out={tmp_path}",
+                             "seconds=0.05", "batch_sizes=1"]) == 0
+    on_model = {metric.key: metric.value for metric in client.get_logged_model(fp8_model).metrics}
+    on_run = client.get_run(runs["float8"]).data.metrics
+    assert on_model["infer/as_trained/accuracy"] == on_run["infer/as_trained/accuracy"] == \
+        pytest.approx(on_run["test/accuracy"], abs=1e-6)
+    assert on_model["infer/latency_ms_b1"] == on_run["infer/latency_ms_b1"] > 0
+    assert "float8 h32" in (tmp_path / "inference.md").read_text()
 
 
 def test_the_report_shows_the_inference_table_when_a_sweep_has_it(tmp_path):

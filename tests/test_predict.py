@@ -1,6 +1,7 @@
-"""Saved models: every run keeps its model, it reloads bit for bit (FP8 scales included),
-`python -m fp8exp.predict` classifies texts from a file and stdin, bad input is one clear line, and
-`mlflow models serve` answers on 127.0.0.1."""
+"""Saved models: every run keeps its model as an MLflow LoggedModel (Models tab, `models:/<model_id>`,
+registered on request; the run's plain artifact `model/` offline or while the server is away, and for
+older runs), it reloads bit for bit (FP8 scales included), `python -m fp8exp.predict` classifies texts
+from a file and stdin, bad input is one clear line, and `mlflow models serve` answers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from fp8exp.serve import predict
 from fp8exp.serve import pyfunc as serving
 from fp8exp.serve import save as serving_save
 from tests.conftest import ROOT, compose_config
-from tests.servers import model_server
+from tests.servers import model_server, tracking_server
 from tests.test_data import write_table
 
 EXPERIMENT = "inference-tests"
@@ -59,7 +61,12 @@ def uri(store: Path) -> str:
 
 
 def model_dir(store: Path, run_id: str) -> Path:
-    return Path(MlflowClient(uri(store)).get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
+    """The run's saved model directory in the local store (its LoggedModel's, or its artifact model/)."""
+    return predict.locate(run_id, uri(store), store).directory
+
+
+def model_id(store: Path, run_id: str) -> str:
+    return predict.locate(run_id, uri(store), store).model_id
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +81,12 @@ def runs(store):
 def test_every_run_saves_a_self_contained_model(store, runs):
     client = MlflowClient(uri(store))
     for precision, run_id in runs.items():
-        listed = {a.path for a in client.list_artifacts(run_id, "model/artifacts")}
-        assert listed == {f"model/artifacts/{name}" for name in ("model.keras", "fp8exp_model.json", "vocabulary.txt")}
-        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "model")}
+        # (Not client.list_artifacts(run_id, "model"): MLflow 3.17 looks the run's LoggedModel up through
+        # the global tracking URI there, not the client's; mlflow/mlflow#18313.)
+        saved = model_id(store, run_id)
+        listed = {a.path for a in client.list_logged_model_artifacts(saved, "artifacts")}
+        assert listed == {f"artifacts/{name}" for name in ("model.keras", "fp8exp_model.json", "vocabulary.txt")}
+        assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(saved)}
         meta = json.loads((model_dir(store, run_id) / "artifacts" / "fp8exp_model.json").read_text())
         assert meta["precision"] == precision and meta["input"] == "text" and meta["run_id"] == run_id
         assert meta["class_names"] == ["neg", "pos"] and meta["sequence_length"] == 16 and meta["lowercase"]
@@ -90,6 +100,198 @@ def test_every_run_saves_a_self_contained_model(store, runs):
 def test_the_large_sweep_does_not_save_models_and_runs_do_by_default():
     assert compose_config().tracking.save_model is True
     assert compose_config("+sweep=fp8_crossover").tracking.save_model is False
+    assert compose_config().tracking.register_model is None
+
+
+@pytest.mark.slow
+def test_each_run_s_model_is_a_logged_model_with_its_test_metrics(store, runs):
+    """What the experiment's Models tab and the runs table's Models column show."""
+    client = MlflowClient(uri(store))
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    models = {m.source_run_id: m for m in client.search_logged_models(experiment_ids=[experiment])}
+    for precision, run_id in runs.items():
+        model, run = models[run_id], client.get_run(run_id)
+        assert model.name == "model" and str(model.status) == "READY" and model.model_type == serving_save.MODEL_TYPE
+        assert model.model_id == model_id(store, run_id)
+        assert [output.model_id for output in run.outputs.model_outputs] == [model.model_id]
+        assert model.tags["precision"] == precision and model.params["precision.name"] == precision
+        assert model.tags["fp8exp.quantized_layers"] == ("8" if precision == "float8" else "0")
+        attached = {metric.key: metric for metric in model.metrics}
+        for key in ("test/accuracy", "test/loss", "perf/step_time_ms"):
+            assert attached[key].value == run.data.metrics[key] and attached[key].run_id == run_id, key
+        # The same points as the run's, not new ones: its history is unchanged.
+        assert len(client.get_metric_history(run_id, "test/accuracy")) == 1
+        # The files are the LoggedModel's, not a second copy among the run's own artifacts.
+        assert not (Path(run.info.artifact_uri.removeprefix("file://")) / "model").exists()
+    best = client.search_logged_models(experiment_ids=[experiment], filter_string="metrics.`test/accuracy` >= 0")
+    assert set(runs.values()) <= {m.source_run_id for m in best}
+
+
+# ---------------------------------------------------------------- log_model without training
+
+SPLITS = SimpleNamespace(class_names=["a", "b"], sequence_length=16, vocabulary_size=100, vocabulary=None)
+IDS = ["5 17 33", "1 2 3 4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    return trained_model("float32")
+
+
+def start_run(client, tracking_uri: str, artifacts: Path | None = None):
+    """A run as open_run makes it, with its final test metrics logged."""
+    from fp8exp.tracking.run import Journal, MlflowRun
+
+    experiment = client.get_experiment_by_name("models")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "models", artifact_location=str(artifacts) if artifacts else None)
+    created = client.create_run(experiment_id, run_name="tiny")
+    run = MlflowRun(client, created.info.run_id, tracking_uri, Journal("models", "tiny", created.info.start_time),
+                    created.info.artifact_uri)
+    run.log_params({"precision.name": "float32"})
+    run.log_metrics({"test/accuracy": 0.5, "test/loss": 0.7}, step=4)
+    return run
+
+
+def tiny_config(tmp_path: Path, tracking_uri: str, *overrides: str):
+    return compose_config("data=synthetic", "precision=float32", f"tracking.uri={tracking_uri}",
+                          f"tracking.offline_uri=sqlite:///{tmp_path / 'offline.db'}", *overrides)
+
+
+def predicted(tracking_uri: str, key: str) -> list[str]:
+    out = io.StringIO()
+    assert predict.main([key, *(f"text={text}" for text in IDS), f"tracking.uri={tracking_uri}"], out=out) == 0
+    return out.getvalue().splitlines()
+
+
+def test_register_model_adds_a_version_tagged_with_the_precision(tmp_path, tiny_net):
+    import mlflow.pyfunc
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(local)
+    cfg = tiny_config(tmp_path, local, "tracking.register_model=fp8exp-tiny")
+    ids = []
+    for _ in range(2):
+        run = start_run(client, local, tmp_path / "artifacts")
+        ids.append(serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging"))
+        run.close("FINISHED", 0, cfg)
+    versions = sorted(client.search_model_versions("name = 'fp8exp-tiny'"), key=lambda v: int(v.version))
+    assert [(str(v.version), v.tags, v.run_id) for v in versions] == [
+        (str(n), {"precision": "float32"}, client.get_logged_model(ids[n - 1]).source_run_id) for n in (1, 2)]
+    assert json.loads(client.get_logged_model(ids[1]).tags["mlflow.modelVersions"]) == \
+        [{"name": "fp8exp-tiny", "version": "2"}]
+    with _use_tracking_uri(local):
+        labels = [list(mlflow.pyfunc.load_model(source).predict(IDS)["label"])
+                  for source in ("models:/fp8exp-tiny/2", f"models:/{ids[1]}")]
+    assert labels[0] == labels[1] and set(labels[0]) <= {"a", "b"}
+    assert [line.split("\t")[0] for line in predicted(local, f"model_id={ids[1]}")] == labels[0]
+    # Registering again (a retry after an outage) finds its version instead of adding one.
+    model = client.get_logged_model(ids[1])
+    again = serving_save.register_version(client, "fp8exp-tiny", model.artifact_location, model.source_run_id,
+                                          "float32", ids[1])
+    assert str(again.version) == "2" and len(client.search_model_versions("name = 'fp8exp-tiny'")) == 2
+
+
+def test_predict_takes_a_run_or_its_model_id_and_old_style_runs_still_work(tmp_path, tiny_net, capsys):
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(local)
+    cfg = tiny_config(tmp_path, local)
+    new = start_run(client, local, tmp_path / "artifacts")
+    new_model = serving_save.log_model(new, tiny_net, SPLITS, cfg, tmp_path / "staging")
+    new.close("FINISHED", 0, cfg)
+    old = start_run(client, local, tmp_path / "artifacts")  # saved as fp8exp did before LoggedModels
+    meta = serving_save.describe(tiny_net, precision="float32", class_names=SPLITS.class_names, sequence_length=16,
+                                 lowercase=False, vocabulary_size=100, has_vocabulary=False, fp8exp_version="old")
+    serving_save.log_artifact_model(old, tiny_net, SPLITS, meta, tmp_path / "staging")
+    old.close("FINISHED", 0, cfg)
+    assert {a.path for a in client.list_artifacts(old.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+
+    assert predict.locate(new.run_id, local, tmp_path).model_id == new_model
+    assert predict.locate(old.run_id, local, tmp_path).model_id is None
+    answers = [predicted(local, key) for key in (f"run_id={new.run_id}", f"model_id={new_model}", f"run_id={old.run_id}")]
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 2
+    for args, message in ((["model_id=m-0123"], "no model 'm-0123' in the store at sqlite:///"),
+                          ([f"run_id={new.run_id}", f"model_id={new_model}"], "give run_id=... or model_id=..., not both")):
+        capsys.readouterr()
+        assert predict.main([*args, "text=5 6", f"tracking.uri={local}"], out=io.StringIO()) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_offline_run_keeps_its_model_as_a_plain_artifact(tmp_path, tiny_net, caplog):
+    """tracking.required=false logs to the offline store, whose sync delivers run artifacts."""
+    offline = f"sqlite:///{tmp_path / 'offline.db'}"
+    client = MlflowClient(offline)
+    cfg = tiny_config(tmp_path, "http://127.0.0.1:9", "tracking.register_model=fp8exp-tiny")
+    run = start_run(client, offline, tmp_path / "artifacts")
+    assert serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging") is None
+    run.close("FINISHED", 0, cfg)
+    assert "the model is saved as the run's plain artifact model/, not as a LoggedModel (the run is in the " \
+           "offline store" in caplog.text and "not registered as 'fp8exp-tiny' either" in caplog.text
+    assert not client.search_logged_models(experiment_ids=[client.get_experiment_by_name("models").experiment_id])
+    assert predict.locate(run.run_id, offline, tmp_path).model_id is None
+    assert len(predicted(offline, f"run_id={run.run_id}")) == 2
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """A real `mlflow server` (proxied artifacts: the model's files are uploaded), stopped at the end."""
+    root = tmp_path_factory.mktemp("models_server")
+    MlflowClient(f"sqlite:///{root / 'server.db'}").search_experiments()  # the schema, created once
+    server = tracking_server(root / "server.db", root / "server-artifacts", root / "server.log")
+    try:
+        yield server.ensure_up()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_away_never_costs_the_model(tmp_path, tiny_net, remote, monkeypatch, caplog):
+    from fp8exp.tracking import offline as tracking_offline
+    from fp8exp.tracking.store import fast_failing_http
+
+    cfg = tiny_config(tmp_path, remote.url)
+    offline = f"sqlite:///{tmp_path / 'offline.db'}"
+    client = MlflowClient(remote.url)
+    with fast_failing_http():
+        # Up: a LoggedModel, its files uploaded through the run's queue, downloaded by predict.
+        run = start_run(client, remote.url)
+        up = serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging-up")
+        run.close("FINISHED", 0, cfg)
+        assert str(client.get_logged_model(up).status) == "READY"
+        labels = predicted(remote.url, f"model_id={up}")
+        assert predicted(remote.url, f"run_id={run.run_id}") == labels
+
+        # Away when the model is saved: the plain artifact, queued, then in the offline copy.
+        away = start_run(client, remote.url)
+        remote.stop()
+        assert serving_save.log_model(away, tiny_net, SPLITS, cfg, tmp_path / "staging-away") is None
+        assert "not as a LoggedModel (the tracking store" in caplog.text
+        away.close("FINISHED", 0, cfg)
+        [copy] = MlflowClient(offline).search_runs(
+            [MlflowClient(offline).get_experiment_by_name("models").experiment_id],
+            f"tags.`fp8exp.sync.remote_run_id` = '{away.run_id}'")
+        assert predicted(offline, f"run_id={copy.info.run_id}") == labels
+
+        # Gone right after the LoggedModel was created: its files still reach the offline copy.
+        remote.start()
+        gone = start_run(client, remote.url)
+        create = serving_save.create_logged_model
+
+        def create_then_stop(*args):
+            made = create(*args)
+            remote.stop()
+            return made
+
+        monkeypatch.setattr(serving_save, "create_logged_model", create_then_stop)
+        pending = serving_save.log_model(gone, tiny_net, SPLITS, cfg, tmp_path / "staging-gone")
+        gone.close("FINISHED", 0, cfg)
+        assert "stayed unreachable" in gone.delivery_note
+        remote.start()
+        assert str(client.get_logged_model(pending).status) == "PENDING"  # never finalized: not used
+        assert tracking_offline.sync(offline, remote.url, out=io.StringIO()) == 0
+        assert predict.locate(gone.run_id, remote.url, tmp_path / "located").model_id is None
+        assert predicted(remote.url, f"run_id={gone.run_id}") == labels
 
 
 def trained_model(precision: str):
@@ -288,8 +490,9 @@ def test_help_and_argument_errors_are_fast_and_import_no_keras():
     assert result.returncode == 0, result.stderr
     assert "python -m fp8exp.predict run_id=RUN_ID" in result.stdout
     assert result.stderr.splitlines() == [
-        "fp8exp.predict: error: run_id is required: the MLflow run whose model to use (fp8exp prints it after each run)",
-        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, text, file, tracking.uri, format"]
+        "fp8exp.predict: error: run_id is required: the MLflow run whose model to use (fp8exp prints it after each run), "
+        "or model_id=: its LoggedModel's id",
+        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, model_id, text, file, tracking.uri, format"]
 
 
 # ---------------------------------------------------------------- mlflow.pyfunc.load_model
@@ -344,10 +547,12 @@ def test_a_saved_model_loads_and_predicts_without_fp8exp(store, runs, tmp_path):
               "    print(list(mlflow.pyfunc.load_model(path).predict([" + repr(TEXTS[0]) + "])['label']))\n"
               "assert sys.modules['fp8exp'] is None and not [m for m in sys.modules if m.startswith('fp8exp.')]\n")
     environment = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}  # fp8exp sets it
-    result = subprocess.run([sys.executable, "-c", script, str(current), str(older)], capture_output=True,
+    environment["MLFLOW_TRACKING_URI"] = uri(store)  # models:/ and runs:/ are looked up there
+    sources = [str(current), str(older), f"models:/{model_id(store, runs['float8'])}", f"runs:/{runs['float8']}/model"]
+    result = subprocess.run([sys.executable, "-c", script, *sources], capture_output=True,
                             text=True, cwd=tmp_path, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines() == ["['pos']", "['pos']"]
+    assert result.stdout.splitlines() == ["['pos']"] * 4
 
 
 # ---------------------------------------------------------------- mlflow models serve
@@ -357,7 +562,7 @@ def test_a_saved_model_loads_and_predicts_without_fp8exp(store, runs, tmp_path):
 def server(store, runs, tmp_path_factory):
     """Started when first asked for and left to boot (imports, model load: seconds) while other
     tests run; stopped when the module's tests are done."""
-    started = model_server(uri(store), f"runs:/{runs['float8']}/model",
+    started = model_server(uri(store), f"models:/{model_id(store, runs['float8'])}",
                            tmp_path_factory.mktemp("serve") / "serve.log").start(wait=False)
     try:
         yield started

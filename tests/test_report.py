@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from fp8exp.precision.scales import SCALED_TENSORS
+from fp8exp.report import parent as report_parent
 from fp8exp.report import stats as report_stats
 from fp8exp.report import tables as report_tables
 from fp8exp.report.__main__ import main as report_main
+from fp8exp.report.rows import Row, build_rows
+from fp8exp.report.runs import RunData
 from tests.test_sweep import basic_sweep
 
 REPORT_FILES = {"report.md", "report.csv", "accuracy.png", "step_time.png"}
@@ -283,6 +287,118 @@ def test_unmatched_seeds_are_named_in_the_notes(uri, tmp_path, capsys):
     assert table_row(out, "float8 h64")[4].endswith("(unpaired, n=2 vs 2)")
     table = read_csv(tmp_path / "out" / "report.csv")
     assert (table[("float8", "32")]["delta_n"], table[("float8", "32")]["delta_paired"]) == ("3", "True")
+
+
+# ---------------------------------------------------------------- the answer on the parent run
+
+
+def expected_summary(table: dict[tuple[str, str], dict[str, str]]) -> dict[str, float]:
+    """The parent's summary metrics as the CSV has them (Δ and its interval in points there)."""
+    expected = {}
+    for (precision, hidden), row in table.items():
+        group = f"summary/{precision}-h{hidden}/"
+        for name, column, scale in (("test_accuracy_mean", "test_accuracy_mean", 1),
+                                    ("delta_pts", "delta_accuracy", 100), ("delta_ci_low", "delta_ci_low", 100),
+                                    ("delta_ci_high", "delta_ci_high", 100), ("speedup", "speedup", 1),
+                                    ("step_time_ms", "step_time_ms_median", 1)):
+            if row[column]:
+                expected[group + name] = float(row[column]) * scale
+    return expected
+
+
+def test_the_parent_run_carries_the_answer(uri, tmp_path, capsys):
+    """Summary metrics per configuration, the verdict tag and the report as the run's description."""
+    parent = log_sweep(uri, grid(ACCURACY, {"mixed_bfloat16": 10.0, "float8": 12.5}))
+    assert make_report(uri, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+
+    table = read_csv(tmp_path / "out" / "report.csv")
+    summary = {key: value for key, value in run.data.metrics.items() if key.startswith("summary/")}
+    assert summary == pytest.approx(expected_summary(table))
+    assert summary["summary/float8-h32/delta_pts"] == pytest.approx(-2 / 3)
+    expected = stats.ttest_rel([0.89, 0.92, 0.90], [0.90, 0.92, 0.91]).confidence_interval(0.95)
+    assert (summary["summary/float8-h32/delta_ci_low"], summary["summary/float8-h32/delta_ci_high"]) == \
+        pytest.approx((expected.low * 100, expected.high * 100))
+    assert summary["summary/float8-h64/speedup"] == pytest.approx(0.8)
+    assert summary["summary/mixed_bfloat16-h32/test_accuracy_mean"] == pytest.approx(0.91)
+    assert not any(key.startswith("summary/mixed_bfloat16-h32/delta") for key in summary)  # the baseline
+    assert "summary/mixed_bfloat16-h32/speedup" not in summary
+
+    headline = [line[2:] for line in out.splitlines() if line.startswith("- float8 h")]
+    verdict = run.data.tags["fp8exp.verdict"]
+    assert verdict == " | ".join(headline + ["float8 is never faster than mixed_bfloat16 here"])
+    assert verdict.startswith("float8 h32: accuracy -0.67 pts vs mixed_bfloat16 [95% CI -2.10, +0.77]")
+
+    note = run.data.tags["mlflow.note.content"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert note.split("\n![", 1)[0] == markdown.split("\n![", 1)[0]  # title, headline, table, notes
+    assert table_row(note, "float8 h32")[4] == "-0.67 pts [-2.10, +0.77] (paired, n=3)"
+    images = re.findall(r"!\[[^\]]*\]\(get-artifact\?path=(\S+)&run_uuid=(\w+)\)", note)
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {path for path, _ in images} == {f"report/{p.name}" for p in (tmp_path / "out").glob("*.png")} <= logged
+    assert {run_id for _, run_id in images} == {parent}
+
+
+def test_a_parent_in_the_offline_store_gets_the_answer_but_no_plot_links(uri, tmp_path):
+    """Synced later, its server copy may get another run id: links to its artifacts would break."""
+    parent = log_sweep(uri, grid(ACCURACY, {"mixed_bfloat16": 10.0, "float8": 12.5}))
+    MlflowClient(uri).set_tag(parent, "fp8exp.sync.status", "pending")
+    assert make_report(uri, tmp_path / "out", "--parent", parent) == 0
+    run = MlflowClient(uri).get_run(parent)
+    assert "| float8 " in run.data.tags["mlflow.note.content"] and "![" not in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["fp8exp.verdict"].startswith("float8 h32: ")
+    assert "summary/float8-h32/delta_pts" in run.data.metrics
+    assert {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")} >= {"report/accuracy.png"}
+
+
+def test_metric_keys_are_valid_mlflow_keys_for_any_label():
+    from mlflow.utils.validation import _validate_metric_name
+
+    row = Row("float8 (amax_history_length=16)", (("model.hidden_dim", "32"), ("trainer.learning_rate", "1e-3")))
+    assert report_parent.metric_label(row) == "float8-amax_history_length-16-h32-learning_rate-1e-3"
+    assert report_parent.metric_label(Row("float8", ())) == "float8-all"
+    for key in report_parent.summary_metrics([row]):
+        _validate_metric_name(key)
+
+
+def run_data(precision: str, hidden: int, accuracy: float, step_ms: float) -> RunData:
+    return RunData(f"{precision}{hidden}", f"{precision}-h{hidden}", "FINISHED",
+                   {"precision.name": precision, "model.hidden_dim": str(hidden), "trainer.seed": "0"},
+                   {"test/accuracy": accuracy, "perf/step_time_ms": step_ms})
+
+
+def test_a_long_verdict_keeps_whole_lines_and_the_crossover():
+    rows = build_rows([run_data(p, 2 ** k, 0.9, 10.0 if p == "float8" and k > 10 else 12.0)
+                       for k in range(5, 15) for p in ("mixed_bfloat16", "float8")])
+    verdict = report_parent.verdict(rows)
+    assert len(verdict) <= report_parent.MAX_VERDICT_CHARS and "\n" not in verdict
+    lines = verdict.split(" | ")
+    assert lines[0].startswith("float8 h32: accuracy +0.00 pts vs mixed_bfloat16 (one seed: no CI)")
+    assert re.fullmatch(r"\+\d+ more in the run's description", lines[-2])
+    assert int(lines[-2].split()[0]) == 10 - (len(lines) - 2)
+    assert lines[-1] == "float8 is faster than mixed_bfloat16 at h2048, h4096, h8192, h16384"
+    assert report_parent.verdict(rows[:2]) == ("float8 h32: accuracy +0.00 pts vs mixed_bfloat16 (one seed: no CI); "
+                                               "1.00x (no clear speed change) | "
+                                               "float8 is never faster than mixed_bfloat16 here")
+    assert report_parent.verdict(rows[:1]) == "only mixed_bfloat16 runs: nothing to compare"
+    assert report_parent.verdict(build_rows([run_data("float8", 32, 0.9, 10.0)])) == \
+        "no mixed_bfloat16 runs: nothing to compare against"
+    unmatched = build_rows([run_data("float8", 32, 0.9, 10.0), run_data("mixed_bfloat16", 64, 0.9, 10.0)])
+    assert report_parent.verdict(unmatched) == "nothing to compare: no mixed_bfloat16 run at the same setting"
+
+
+def test_a_long_note_is_cut_at_a_line_and_says_so():
+    rows = "".join(f"| row {i} | {'x' * 90} |\n" for i in range(200))
+    markdown = f"# FP8 report\n\n{rows}\n![accuracy](accuracy.png)\n"
+    note = report_parent.note(markdown, "abc", {"accuracy.png"})
+    assert len(note) <= report_parent.MAX_NOTE_CHARS
+    assert note.rstrip().endswith("the whole report is `report/report.md`.*")
+    assert all(line.endswith("|") for line in note.split("\n")[2:-3] if line)
+    short = report_parent.note("# r\n\n![accuracy](accuracy.png)\n\n![step time](step_time.png)\n", "abc",
+                               {"accuracy.png"})
+    assert short == "# r\n\n![accuracy](get-artifact?path=report/accuracy.png&run_uuid=abc)\n"
 
 
 # ---------------------------------------------------------------- the real sweep

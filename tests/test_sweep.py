@@ -22,7 +22,7 @@ SWEEP = ["precision=mixed_bfloat16,float8", "model.hidden_dim=32,64"]
 # One short epoch: compiling dominates a job, so fewer steps and FP8 log points are what can go.
 TINY = [*FAST, "trainer.epochs=1", "trainer.steps_per_epoch=8", "trainer.eval_steps=2", "tracking.fp8_log_every=4"]
 NAMES = {"mixed_bfloat16-h32", "mixed_bfloat16-h64", "float8-h32", "float8-h64"}
-METRIC_PREFIXES = ("train/", "val/", "test/", "perf/", "fp8/", "model/", "data/")
+METRIC_PREFIXES = ("train/", "val/", "test/", "perf/", "fp8/", "model/", "data/", "system/")
 
 
 class Faults(Callback):
@@ -150,6 +150,33 @@ def test_basic_sweep_nests_one_child_per_job_under_one_parent(basic):
 
 
 @pytest.mark.slow
+def test_basic_sweep_ends_with_the_report_on_its_parent(basic):
+    """The answer where the MLflow run table shows it: summary metrics, the verdict, the description."""
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    [parent] = basic.parents()
+    children = {c.info.run_name: c.data.metrics for c in basic.children(parent.info.run_id)}
+    metrics, tags = parent.data.metrics, parent.data.tags
+    for name, child in children.items():
+        assert metrics[f"summary/{name}/test_accuracy_mean"] == pytest.approx(child["test/accuracy"])
+        assert metrics[f"summary/{name}/step_time_ms"] == pytest.approx(child["perf/step_time_ms"])
+    for hidden in (32, 64):
+        fp8, base = children[f"float8-h{hidden}"], children[f"mixed_bfloat16-h{hidden}"]
+        assert metrics[f"summary/float8-h{hidden}/delta_pts"] == pytest.approx(
+            100 * (fp8["test/accuracy"] - base["test/accuracy"]))
+        assert metrics[f"summary/float8-h{hidden}/speedup"] == pytest.approx(
+            base["perf/step_time_ms"] / fp8["perf/step_time_ms"])
+        assert f"summary/float8-h{hidden}/delta_ci_low" not in metrics  # one seed: no interval
+    assert tags["fp8exp.verdict"].startswith("float8 h32: accuracy ")
+    assert tags["fp8exp.verdict"].endswith("mixed_bfloat16 here") and "\n" not in tags["fp8exp.verdict"]
+    assert "| float8         | h64  |" in tags["mlflow.note.content"]
+    assert f"run_uuid={parent.info.run_id})" in tags["mlflow.note.content"]
+    report = Path(tags["sweep.dir"]) / "report"
+    assert f"Report in {report}, on the parent run" in basic.stdout
+    assert {a.path for a in basic.client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/report.md", "report/report.csv", "report/accuracy.png", "report/step_time.png"}
+
+
+@pytest.mark.slow
 def test_parallel_sweep_survives_a_failed_job_and_lists_it(parallel):
     assert parallel.returncode == 1, parallel.stderr[-3000:]
     statuses = {name: "FINISHED" for name in NAMES} | {"float8-h32": "FAILED"}
@@ -239,12 +266,13 @@ def test_readme_sweeps_expand_to_valid_jobs(command):
 
 @pytest.fixture
 def launcher(tmp_path, monkeypatch):
-    """start(*overrides) runs SweepCallback.on_multirun_start on the launching process's config,
-    as Hydra would (the SIGTERM handler left out, exit hooks captured instead of registered);
-    returns (callback, config, exit hooks)."""
+    """start(*overrides) makes the SweepCallback from conf/hydra/callbacks/sweep.yaml and runs its
+    on_multirun_start on the launching process's config, as Hydra would (the SIGTERM handler left
+    out, exit hooks captured instead of registered); returns (callback, config, exit hooks)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
+    from hydra.utils import instantiate
 
     from fp8exp.run import sweep
 
@@ -256,7 +284,7 @@ def launcher(tmp_path, monkeypatch):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             config = GlobalHydra.instance().config_loader().load_configuration(
                 "config", [*FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides], RunMode.MULTIRUN)
-            callback = sweep.SweepCallback()
+            callback = instantiate(config.hydra.callbacks.sweep)
             callback.on_multirun_start(config)
         return callback, config, hooks
 
@@ -309,3 +337,80 @@ def test_a_sweeper_that_does_not_say_how_many_jobs_is_not_a_failed_sweep(launche
     job_records(callback, "FINISHED", "FINISHED")
     callback.on_multirun_end(config)  # no SystemExit: nothing failed, nothing known to be missing
     assert "fp8exp sweep: 2 jobs ran, 2 finished, 0 failed" in capsys.readouterr().out
+
+
+def log_children(store: str, parent: str, accuracy: dict[str, float]) -> None:
+    """Finished child runs under `parent`, one per precision, as the jobs would have logged them."""
+    client = MlflowClient(store)
+    experiment = client.get_run(parent).info.experiment_id
+    for precision, value in accuracy.items():
+        run = client.create_run(experiment, run_name=f"{precision}-h32", tags={"mlflow.parentRunId": parent})
+        for key, param in {"precision.name": precision, "model.hidden_dim": "32", "trainer.seed": "0"}.items():
+            client.log_param(run.info.run_id, key, param)
+        client.log_metric(run.info.run_id, "test/accuracy", value)
+        client.log_metric(run.info.run_id, "perf/step_time_ms", 10.0)
+        client.set_terminated(run.info.run_id)
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_the_report_at_the_end_of_a_sweep_can_be_turned_off(launcher, tmp_path, capsys, report):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    off = [] if report else ["hydra.callbacks.sweep.report=false"]
+    callback, config, _ = launcher("precision=mixed_bfloat16,float8", f"tracking.uri={store}",
+                                   f"tracking.artifact_root={tmp_path / 'artifacts'}", *off)
+    assert callback.report is report
+    parent = callback.sweep.parent_run_id
+    log_children(store, parent, {"mixed_bfloat16": 0.90, "float8": 0.88})
+    job_records(callback, "FINISHED", "FINISHED")
+    callback.on_multirun_end(config)  # no SystemExit: both jobs finished
+
+    run = MlflowClient(store).get_run(parent)
+    assert run.info.status == "FINISHED"
+    published = {"fp8exp.verdict", "mlflow.note.content"} & set(run.data.tags)
+    summary = {key: value for key, value in run.data.metrics.items() if key.startswith("summary/")}
+    out = capsys.readouterr().out
+    if report:
+        assert published == {"fp8exp.verdict", "mlflow.note.content"}
+        assert summary["summary/float8-h32/delta_pts"] == pytest.approx(-2.0)
+        assert summary["summary/mixed_bfloat16-h32/test_accuracy_mean"] == pytest.approx(0.90)
+        assert f"Report in {Path(callback.sweep.dir) / 'report'}, on the parent run" in out
+        assert run.data.tags["fp8exp.verdict"] in out
+    else:
+        assert not published and not summary
+        assert not (Path(callback.sweep.dir) / "report").exists()
+        assert "Report in" not in out and f"Compare: python -m fp8exp.report --parent {parent}" in out
+
+
+def test_a_failing_report_costs_one_warning_not_the_exit_code_or_the_ending(launcher, tmp_path, monkeypatch, capsys):
+    from fp8exp.report import parent as report_parent
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    callback, config, _ = launcher("trainer.seed=0,1", f"tracking.uri={store}",
+                                   f"tracking.artifact_root={tmp_path / 'artifacts'}")
+    parent = callback.sweep.parent_run_id
+    job_records(callback, "FINISHED", "FINISHED")
+    capsys.readouterr()
+
+    def broken(*args, **kwargs):
+        raise ValueError("no plots today\nsecond line")
+
+    monkeypatch.setattr(report_parent, "report_sweep", broken)
+    callback.on_multirun_end(config)  # no SystemExit
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"fp8exp: warning: no report on the sweep's parent run {parent} "
+                              "(ValueError: no plots today); make it later: python -m fp8exp.report")
+    assert MlflowClient(store).get_run(parent).info.status == "FINISHED"
+
+
+def test_a_sweep_with_no_finished_job_skips_the_report_with_a_note(launcher, tmp_path, capsys):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    callback, config, _ = launcher("trainer.seed=0,1", f"tracking.uri={store}",
+                                   f"tracking.artifact_root={tmp_path / 'artifacts'}")
+    job_records(callback, "FAILED", "FAILED")
+    with pytest.raises(SystemExit) as exited:
+        callback.on_multirun_end(config)
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert "No report on the parent run: no job finished." in out and "warning" not in err
+    run = MlflowClient(store).get_run(callback.sweep.parent_run_id)
+    assert run.info.status == "FAILED" and "fp8exp.verdict" not in run.data.tags

@@ -3,13 +3,19 @@ input fails in well under a second, in one line naming the setting and what is v
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from fp8exp.config.schema import (
+    BACKBONE_CLASSES,
+    DECODER_FAMILIES,
     DISTRIBUTIONS,
+    FAMILY_TASKS,
     FP8_SOURCE_POLICIES,
+    MODEL_FAMILIES,
     PRECISIONS,
     TRACKERS,
 )
@@ -81,14 +87,7 @@ def validate(cfg: DictConfig) -> None:
                               f"{cfg.data.vocabulary_size} is too small for {cfg.data.num_classes} classes "
                               f"x {cfg.data.signal_tokens} signal tokens")
 
-    model = cfg.model
-    _positive(cfg, "model.hidden_dim", "model.num_heads", "model.intermediate_dim", "model.num_layers")
-    if model.hidden_dim % model.num_heads:
-        raise ConfigError("model.hidden_dim",
-                          f"{model.hidden_dim} is not divisible by model.num_heads={model.num_heads}; "
-                          f"pick a multiple of {model.num_heads} or change model.num_heads")
-    if not 0.0 <= model.dropout < 1.0:
-        raise ConfigError("model.dropout", f"got {model.dropout}, expected a value in [0, 1)")
+    _check_model(cfg)
 
     _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
     _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.checkpoint_every", optional=True)
@@ -121,3 +120,129 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("tracking.experiment", "must not be empty")
     if cfg.tracking.name != "none" and cfg.tracking.retry_s < 0:
         raise ConfigError("tracking.retry_s", f"got {cfg.tracking.retry_s}, expected 0 or more seconds")
+
+
+# Keys only some model families have (null everywhere else).
+FAMILY_KEYS = {
+    "num_key_value_heads": ("llama", "gemma"),
+    "head_dim": ("gemma",),
+    "max_sequence_length": (*DECODER_FAMILIES, "bert"),
+    "preset": (*DECODER_FAMILIES, "bert"),
+}
+PRESET_WEIGHTS = ("model.weights.h5", "model.weights.json")
+"""A preset's weights: one file, or the index of sharded ones (Backbone.save_to_preset writes either)."""
+
+
+def _check_model(cfg: DictConfig) -> None:
+    model = cfg.model
+    family = model.family
+    if family not in MODEL_FAMILIES:
+        raise ConfigError("model.family", f"unknown family {family!r}; valid: {', '.join(MODEL_FAMILIES)}")
+    for key, families in FAMILY_KEYS.items():
+        if model.get(key) is not None and family not in families:
+            raise ConfigError(f"model.{key}", f"model.family={family} has no {key} (only {', '.join(families)} "
+                              f"do); remove it or set it to null")
+    task = OmegaConf.select(cfg, "task.name", default=None)
+    if task is not None:
+        check_task(family, task)
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError("model.dropout", f"got {model.dropout}, expected a value in [0, 1)")
+    if family != "classifier":
+        _positive(cfg, "model.max_sequence_length")
+    if model.get("preset") is not None:
+        _check_preset_sizes(cfg, read_preset(model.preset, family))
+        return
+
+    _positive(cfg, "model.hidden_dim", "model.num_heads", "model.intermediate_dim", "model.num_layers")
+    _positive(cfg, "model.num_key_value_heads", "model.head_dim", optional=True)
+    if not (family == "gemma" and model.head_dim is not None) and model.hidden_dim % model.num_heads:
+        raise ConfigError("model.hidden_dim",
+                          f"{model.hidden_dim} is not divisible by model.num_heads={model.num_heads}; "
+                          f"pick a multiple of {model.num_heads} or change model.num_heads")
+    kv_heads = model.get("num_key_value_heads")
+    if kv_heads is not None and model.num_heads % kv_heads:
+        divisors = [d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0]
+        raise ConfigError("model.num_key_value_heads",
+                          f"{kv_heads} does not divide model.num_heads={model.num_heads}; valid: "
+                          f"{', '.join(map(str, divisors))}")
+    if family in ("llama", "gemma"):
+        head_dim = model.head_dim if model.get("head_dim") is not None else model.hidden_dim // model.num_heads
+        if head_dim % 2:
+            key = "model.head_dim" if model.get("head_dim") is not None else "model.hidden_dim"
+            raise ConfigError(key, f"gives attention heads of odd width {head_dim}; {family}'s rotary position "
+                              "embedding needs an even head width")
+    if family == "gemma" and model.intermediate_dim % 2:
+        raise ConfigError("model.intermediate_dim", f"{model.intermediate_dim} is odd; gemma splits it into two "
+                          "gated projections of half the width, so it must be even")
+    if family != "classifier" and cfg.data.sequence_length > model.max_sequence_length:
+        raise ConfigError("data.sequence_length",
+                          f"{cfg.data.sequence_length} is longer than model.max_sequence_length="
+                          f"{model.max_sequence_length}; use at most {model.max_sequence_length} or raise "
+                          "model.max_sequence_length")
+
+
+def check_task(family: str, task: str) -> None:
+    """Which family can do which task: causal language modelling needs a decoder."""
+    tasks = FAMILY_TASKS.get(family, ())
+    if task not in tasks:
+        able = [name for name, can in FAMILY_TASKS.items() if task in can]
+        raise ConfigError("model.family", f"{family} cannot do task={task} (it can: {', '.join(tasks)}); "
+                          f"families that can: {', '.join(able) or 'none'}")
+
+
+def read_preset(path: str, family: str | None = None) -> dict:
+    """The backbone config (the constructor arguments) of a keras-hub preset directory on disk, after
+    checking it is one, complete, and of `family`'s architecture (None: of any family's); its key
+    "family" says which. Reads JSON only: nothing heavy loads."""
+    if "://" in str(path):
+        raise ConfigError("model.preset", f"{path!r} is a remote handle; fp8exp loads presets only from a "
+                          "local directory (download it once yourself and give its path)")
+    directory = Path(str(path)).expanduser()
+    written_by = "a directory Backbone.save_to_preset writes: config.json and model.weights.h5"
+    if not directory.is_dir():
+        raise ConfigError("model.preset", f"no directory {directory}; give {written_by}")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ConfigError("model.preset", f"{directory} has no config.json, so it is not a keras-hub preset; "
+                          f"give {written_by}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError("model.preset", f"{config_file} is not readable JSON ({error}); the preset is damaged")
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        hint = (" (a Hugging Face Transformers checkpoint: load it once with keras_hub.models.Backbone."
+                "from_preset(path) and save_to_preset a keras-hub copy)") if isinstance(config, dict) and \
+            "model_type" in config else ""
+        raise ConfigError("model.preset", f"{config_file} is not a keras-hub backbone config{hint}; give {written_by}")
+    class_name = str(config.get("registered_name") or config.get("class_name", "?")).rpartition(">")[2]
+    owner = next((name for name, cls in BACKBONE_CLASSES.items() if cls == class_name), None)
+    if owner is None or (family is not None and owner != family):
+        expected = BACKBONE_CLASSES[family] if family is not None else " or a ".join(BACKBONE_CLASSES.values())
+        fix = f"use model={owner}_<size> for it" if owner else "fp8exp builds none of that architecture"
+        raise ConfigError("model.preset", f"{directory} holds a {class_name}, not a {expected}"
+                          f"{f' (model.family={family})' if family else ''}; {fix}, or give "
+                          f"{f'a {family}' if family else 'another'} preset")
+    if not any((directory / name).is_file() for name in PRESET_WEIGHTS):
+        raise ConfigError("model.preset", f"{directory} has config.json but no weights ({' or '.join(PRESET_WEIGHTS)}): "
+                          "the preset is incomplete; save it again with Backbone.save_to_preset")
+    dtype = config["config"].get("dtype")
+    if isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicyMap":
+        modes = {entry.get("config", {}).get("mode") for entry in dtype.get("config", {}).get("policy_map", {}).values()}
+        if modes - {"float8"}:
+            raise ConfigError("model.preset", f"{directory} holds layers quantized to "
+                              f"{', '.join(sorted(str(m) for m in modes - {'float8'}))}; fp8exp loads float or "
+                              "float8 presets only")
+    return {**config["config"], "family": owner}
+
+
+def _check_preset_sizes(cfg: DictConfig, preset: dict) -> None:
+    """What a preset fixes and the data must fit: its position table and its vocabulary."""
+    where = f"the preset {cfg.model.preset}"
+    limit = preset.get("max_sequence_length", cfg.model.max_sequence_length)
+    if cfg.data.sequence_length > limit:
+        raise ConfigError("data.sequence_length", f"{cfg.data.sequence_length} is longer than the "
+                          f"max_sequence_length={limit} of {where}; use at most {limit}")
+    vocabulary = preset.get("vocabulary_size")
+    if vocabulary is not None and cfg.data.vocabulary_size > vocabulary:
+        raise ConfigError("data.vocabulary_size", f"{cfg.data.vocabulary_size} is more than the vocabulary_size="
+                          f"{vocabulary} of {where}; token ids must stay below it: use at most {vocabulary}")

@@ -92,19 +92,58 @@ class TableDataConfig(TextDataConfig):
     test_fraction: float = 0.1
 
 
+# `model.family` values: the reference classifier, and keras-hub backbones built from config.
+MODEL_FAMILIES = ("classifier", "gpt2", "llama", "gemma", "bert")
+DECODER_FAMILIES = ("gpt2", "llama", "gemma")
+"""Decoder-only families: the ones that can do causal language modelling."""
+BACKBONE_CLASSES = {"gpt2": "GPT2Backbone", "llama": "LlamaBackbone", "gemma": "GemmaBackbone",
+                    "bert": "BertBackbone"}
+"""The keras-hub class each family builds; a preset's config.json must name the same one."""
+FAMILY_TASKS = {"classifier": ("classify",), "gpt2": ("classify", "causal_lm"),
+                "llama": ("classify", "causal_lm"), "gemma": ("classify", "causal_lm"), "bert": ("classify",)}
+"""Which family can do which task: causal language modelling needs a decoder-only family."""
+
+
 @dataclass
 class ModelConfig:
-    preset: str = MISSING
-    """Name of the size preset this came from (tiny|small|base|large); informational."""
+    size: str = MISSING
+    """Which size of the family this is (classifier: tiny|small|base|large; gpt2/llama/gemma/bert:
+    tiny|small|base); informational. See model_name() for the `model` MLflow tag."""
+    family: str = "classifier"
+    """classifier (the reference Keras example's network, fp8exp/models/classifier.py) | gpt2 | llama |
+    gemma (decoder-only keras-hub backbones) | bert (encoder-only keras-hub backbone)."""
     hidden_dim: int = MISSING
-    """Embedding and attention width; must be divisible by num_heads."""
+    """Embedding and attention width; must be divisible by num_heads (gemma with head_dim set: any)."""
     num_heads: int = MISSING
+    """Attention heads; for llama/gemma the query heads."""
     intermediate_dim: int = MISSING
-    """Feed-forward width of each decoder block and of the classifier's hidden Dense."""
+    """Feed-forward width of each block (classifier: also its hidden Dense; gemma: keras-hub's
+    convention, twice the width of each of its two gated projections, so it must be even)."""
     num_layers: int = 1
-    """Stacked TransformerDecoder blocks."""
+    """Stacked Transformer blocks."""
     dropout: float = 0.1
     """In [0, 1)."""
+    num_key_value_heads: Optional[int] = None
+    """llama/gemma only: key/value heads (grouped-query attention; 1 = multi-query); must divide
+    num_heads. null = num_heads (plain multi-head attention). Must stay null for other families."""
+    head_dim: Optional[int] = None
+    """gemma only: width of each attention head, free of hidden_dim (Gemma 2B: 256 with hidden 2048
+    and 8 heads). null = hidden_dim / num_heads. Must stay null for other families."""
+    max_sequence_length: Optional[int] = None
+    """keras-hub families: the longest data.sequence_length the model takes. gpt2/bert: the size of
+    the learned position table; llama/gemma (rotary positions): a limit checked before training.
+    Must stay null for the classifier, which is built for data.sequence_length."""
+    preset: Optional[str] = None
+    """keras-hub families only: a preset directory on disk, as `Backbone.save_to_preset` writes it
+    (config.json, model.weights.h5), to start from its architecture and weights instead of random
+    ones; it must hold a model.family backbone. Its config.json then fixes the architecture: the
+    size keys above are not used. Never downloaded: only local directories. null = random weights."""
+
+
+def model_name(model: Any) -> str:
+    """What the `model` MLflow tag calls this model: the conf/model choice it came from (`tiny`,
+    `llama_small`). A preset it starts from is the param `model.preset`."""
+    return model.size if model.family == "classifier" else f"{model.family}_{model.size}"
 
 
 @dataclass
@@ -173,9 +212,18 @@ class TrackingConfig:
     fp8_warn_fraction: float = 0.01
     """Warn when more than this share of a tensor saturates or flushes to zero."""
     save_model: bool = True
-    """Save the trained model as the run's artifact `model/`: the `.keras` file, its vocabulary and an
-    MLflow pyfunc model that takes raw strings (for `python -m fp8exp.predict`, `python -m
-    fp8exp.infer_bench`, `mlflow models serve`). false for large sweeps: a model per run adds up."""
+    """Save the trained model as the run's MLflow LoggedModel `model` (the Models tab, `models:/<model_id>`,
+    `runs:/<run_id>/model`; the run's plain artifact `model/` when the store cannot take one: offline,
+    or a server away): the `.keras` file, its vocabulary and an MLflow pyfunc model that takes raw
+    strings (for `python -m fp8exp.predict`, `python -m fp8exp.infer_bench`, `mlflow models serve`).
+    false for large sweeps: a model per run adds up."""
+    register_model: Optional[str] = None
+    """Register the saved model in the Model Registry under this name (a new version per run, tagged
+    with its precision); null = do not register."""
+    system_metrics: bool = True
+    """Sample CPU, memory, disk, network and (with pynvml) GPU utilisation and memory every 10 s with
+    MLflow's system-metrics monitor, as `system/...` metrics (the UI's System metrics charts), sent
+    through the run's queue (an offline run keeps them in the offline store). false = none."""
     required: bool = True
     """An http(s) tracking server unreachable at start is an error; false = train and log to
     `offline_uri` instead (deliver later with `python -m fp8exp.tracking_sync`)."""

@@ -32,6 +32,14 @@ class Splits:
     notes: dict[str, int] = field(default_factory=dict)
     """Counts from preparation worth logging: undecodable files, dropped rows."""
     cache_hit: bool = False
+    source_name: str = "unnamed"
+    """What the data is, for the MLflow dataset names: `imdb`, the table file's name, the text_dir
+    folder's name, `synthetic` (set by load())."""
+    source_uri: str | None = None
+    """Where it came from: a local path or the download URL; None for generated data."""
+    fingerprint: str = ""
+    """Identity of exactly these splits: the prepared-data cache key (for synthetic data, a
+    fingerprint of its settings). The MLflow datasets' digest: runs on the same data share them."""
 
     @property
     def num_classes(self) -> int:
@@ -47,8 +55,13 @@ class Splits:
         if ways == 1:
             return self
         cut = {name: len(getattr(self, name)) // ways * ways for name in ("y_train", "y_val", "y_test")}
+        fingerprint = self.fingerprint
+        if any(cut[name] < len(getattr(self, name)) for name in cut):  # fewer examples: other data
+            from fp8exp.data.cache import fingerprint as digest
+            fingerprint = digest(self.fingerprint, "divisible_by", ways)
         return dataclasses.replace(
-            self, x_train=self.x_train[:cut["y_train"]], y_train=self.y_train[:cut["y_train"]],
+            self, fingerprint=fingerprint,
+            x_train=self.x_train[:cut["y_train"]], y_train=self.y_train[:cut["y_train"]],
             x_val=self.x_val[:cut["y_val"]], y_val=self.y_val[:cut["y_val"]],
             x_test=self.x_test[:cut["y_test"]], y_test=self.y_test[:cut["y_test"]])
 
@@ -60,6 +73,19 @@ class Splits:
         metrics.update({f"data/train_class_{i}": int(c) for i, c in enumerate(counts)})
         metrics.update({f"data/{key}": value for key, value in self.notes.items()})
         return metrics
+
+    def dataset_summary(self) -> dict:
+        """What the tracker logs as the run's MLflow datasets, as plain values (tracking does not
+        import data): name, digest, source, and per split (train/validation/test) its size and
+        examples per class."""
+        splits = {}
+        for context, labels in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test)):
+            counts = np.bincount(labels, minlength=self.num_classes)
+            splits[context] = {"num_rows": len(labels),
+                               "class_counts": {name: int(c) for name, c in zip(self.class_names, counts)}}
+        return {"name": self.source_name, "digest": self.fingerprint, "source": self.source_uri, "splits": splits,
+                "sequence_length": self.sequence_length, "token_dtype": str(self.x_train.dtype),
+                "label_dtype": str(self.y_train.dtype)}
 
 
 def load(data: DictConfig) -> Splits:
@@ -75,10 +101,13 @@ def load(data: DictConfig) -> Splits:
         path = Path(data.path).expanduser()
         read = functools.partial(sources.read_table, path, data)
         source_id = sources.file_identity(path) if path.is_file() else None
+        source = {"source_name": path.name, "source_uri": str(path.resolve())}
     else:
         root = imdb.dataset_dir(data) if data.name == "imdb" else Path(data.path).expanduser()
         read = functools.partial(sources.read_text_dir, root, data)
         source_id = sources.directory_identity(root) if root.is_dir() else None
+        source = ({"source_name": "imdb", "source_uri": str(root.resolve()) if data.path else data.url}
+                  if data.name == "imdb" else {"source_name": root.resolve().name, "source_uri": str(root.resolve())})
     if source_id is None:
         return read_and_prepare(read, data)  # raises the reader's clear error about the path
 
@@ -86,14 +115,15 @@ def load(data: DictConfig) -> Splits:
     # (the archive's identity) does, and stays in.
     settings = {k: v for k, v in OmegaConf.to_container(data).items()
                 if k not in ("cache_dir", "path", "url", "max_download_bytes")}
-    entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, cache.fingerprint(source_id, settings))
+    key = cache.fingerprint(source_id, settings)
+    entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, key)
     stored = cache.load(entry)
     if stored is not None:
         arrays, vocabulary, meta = stored
         log.info("Using prepared %s data from %s", data.name, entry)
         return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
-                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True)
-    splits = read_and_prepare(read, data)
+                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, fingerprint=key, **source)
+    splits = dataclasses.replace(read_and_prepare(read, data), fingerprint=key, **source)
     cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
                 {"class_names": splits.class_names, "notes": splits.notes})
     log.info("Prepared %s data cached in %s", data.name, entry)

@@ -1,6 +1,7 @@
 """`python -m fp8exp.report`: did FP8 cost accuracy, and was it faster? Reads the runs of a sweep
 from MLflow and writes a table (Markdown and CSV) with one row per configuration, plots (PNG) and
-a console summary; with a sweep, all of it is logged as artifacts on the sweep's parent run.
+a console summary; with a sweep, all of it is logged as artifacts on the sweep's parent run, and
+the answer set on it as summary metrics, the `fp8exp.verdict` tag and its description (parent.py).
 
     python -m fp8exp.report                     # the latest sweep in the store
     python -m fp8exp.report --parent RUN_ID     # one sweep
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from fp8exp.report.document import write_report
+from fp8exp.report.parent import publish
 from fp8exp.report.runs import ReportError, default_out_dir, find_source
 from fp8exp.report.tables import SPEED_NOISE
 
@@ -52,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = find_source(client, args.parent, args.experiment)
         out = args.out or default_out_dir(source)
-        markdown, files = write_report(client, source, out, args.speed_noise)
+        markdown, files, rows = write_report(client, source, out, args.speed_noise)
     except ReportError as error:
         print(f"fp8exp.report: error: {error}", file=sys.stderr)
         return 1
     if source.parent_run_id:
-        client.log_artifacts(source.parent_run_id, str(out), artifact_path="report")
+        publish(client, source.parent_run_id, rows, markdown, out, args.speed_noise)
     print(markdown.split("\n![", 1)[0].rstrip())
     print(f"\nWrote {', '.join(p.name for p in files)} to {out}"
-          + (f"; logged under 'report/' on parent run {source.parent_run_id}" if source.parent_run_id else ""))
+          + (f"; logged under 'report/' on parent run {source.parent_run_id}, with its summary/ metrics, "
+             "verdict and description" if source.parent_run_id else ""))
     return 0
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from fp8exp.report import inference
 from fp8exp.report.plots import plot_accuracy, plot_fp8_scales, plot_step_time
-from fp8exp.report.rows import build_rows
+from fp8exp.report.rows import Row, build_rows
 from fp8exp.report.runs import BASELINE, ReportError, Source, slug
 from fp8exp.report.stats import MIN_SEEDS
 from fp8exp.report.tables import (
@@ -20,9 +21,17 @@ from fp8exp.report.tables import (
 )
 
 
-def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_NOISE) -> tuple[str, list[Path]]:
-    """Write every file; returns the Markdown and the paths written. Speedups within `speed_noise`
-    of 1.00x are called no clear speed change."""
+class Report(NamedTuple):
+    markdown: str
+    files: list[Path]
+    """Every file written, report.md first."""
+    rows: list[Row]
+    """The configurations the table shows, in its order."""
+
+
+def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_NOISE) -> Report:
+    """Write every file; returns the Markdown, the paths written and the configurations. Speedups
+    within `speed_noise` of 1.00x are called no clear speed change."""
     finished = [run for run in source.runs if run.status == "FINISHED" and "test/accuracy" in run.metrics]
     left_out = [run for run in source.runs if run not in finished]
     statuses = ", ".join(f"{sum(r.status == s for r in left_out)} {s}" for s in sorted({r.status for r in left_out}))
@@ -75,4 +84,4 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
     lines += [f"![{p.stem}]({p.name})" for p in scale_plots]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
-    return markdown, files
+    return Report(markdown, files, rows)

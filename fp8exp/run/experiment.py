@@ -22,11 +22,12 @@ from fp8exp.precision.health import check_health, layer_table
 from fp8exp.precision.probe import Probe
 from fp8exp.precision.scales import state_size
 from fp8exp.run import checkpoint, distribution, stopping, train
-from fp8exp.run.launch import LaunchContext, git_state, run_name
+from fp8exp.run.launch import LaunchContext, git_state, run_name, source_tags
 from fp8exp.run.resume import config_hash, find_resume
 from fp8exp.serve.save import log_model
 from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger, Heartbeat, process_tags
 from fp8exp.tracking.context import open_run
+from fp8exp.tracking.datasets import dataset_inputs
 from fp8exp.tracking.store import check_reachable, ui_command
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
         "device": f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
         **{f"version.{name}": metadata.version(name) for name in ("fp8exp", "keras", "keras-hub", "jax")},
         **git_state(),
+        **source_tags(context.entry_point),
         **process_tags(),
     }
     if context.output_dir:
@@ -113,6 +115,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
         try:
             if resume is None:
                 run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
+                run.log_inputs(dataset_inputs(**splits.dataset_summary()))  # the UI's Dataset column
                 run.set_tags({"data.class_names": ", ".join(splits.class_names),
                               "data.cache_hit": str(splits.cache_hit).lower()})
                 if splits.vocabulary:
@@ -178,7 +181,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             final.update(report_fp8(run, net, splits, cfg, fp8_logger))
         run.log_metrics(final, step=result.steps)
         if cfg.tracking.get("save_model", True) and run.run_id:
-            log_model(run, net, splits, cfg, staging)  # artifact model/: predict, infer_bench, serve
+            log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)

@@ -4,8 +4,10 @@ tags and run names are made of), the source commit, and how a scheduler's SIGTER
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,13 +61,17 @@ class LaunchContext:
     overrides: list[str] = field(default_factory=list)
     output_dir: str | None = None
     sweep: "Sweep | None" = None
+    entry_point: str | None = None
+    """The command that started the run (tag mlflow.source.name); None = this process's."""
 
     @classmethod
     def from_hydra(cls) -> "LaunchContext":
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
-        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir, Sweep.of_job(hydra_cfg))
+        # Jobs of a launcher (joblib's workers, submitit's) run fp8exp's Hydra app all the same.
+        return cls(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir, Sweep.of_job(hydra_cfg),
+                   entry_point="python -m fp8exp")
 
     @property
     def swept(self) -> list[str]:
@@ -103,6 +109,22 @@ def git_state() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def entry_point() -> str:
+    """This process's command: `python -m <module>` or the script's path (as MLflow names it)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        module = spec.name.removesuffix(".__main__")
+        return f"python -m {module}"
+    return sys.argv[0] or "python"
+
+
+def source_tags(entry: str | None = None) -> dict[str, str]:
+    """What the MLflow UI's Source column shows: the entry point, `JOB` under a scheduler (SLURM),
+    else `LOCAL` (with `mlflow.source.git.commit` from git_state, the commit)."""
+    return {"mlflow.source.name": entry or entry_point(),
+            "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
 
 
 def interrupt_on_sigterm() -> None:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # Settings that do not change what is trained: they may differ between a run and its resumption.
 NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
                 "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
-                "data.cache_dir", "data.max_download_bytes", "trainer.stale_after_s"}
+                "data.cache_dir", "data.max_download_bytes", "trainer.stale_after_s", "tracking.system_metrics",
+                "tracking.register_model"}
 RESUMABLE = ("KILLED", "FAILED")
 
 

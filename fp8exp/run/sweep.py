@@ -3,8 +3,9 @@ names the jobs that failed.
 
 The launching process does the once-per-sweep work in a Hydra callback: it composes and
 validates every job before any starts (a bad value fails the sweep up front, naming it), creates
-the store, the experiment and the parent run (so parallel jobs never race to migrate SQLite), and
-ends the parent with an honest status. Jobs learn their sweep from a small JSON file in the sweep
+the store, the experiment and the parent run (so parallel jobs never race to migrate SQLite), puts
+the report on the parent at the end (fp8exp/report/parent.py; off: hydra.callbacks.sweep.report=false),
+and ends the parent with an honest status. Jobs learn their sweep from a small JSON file in the sweep
 dir rather than an environment variable: the file reaches in-process jobs, loky workers that
 were spawned before the sweep began and any launcher that shares the file system alike, and it
 stays on disk as the link from `multirun/...` to its MLflow run.
@@ -32,6 +33,7 @@ from fp8exp.run.launch import (
     interrupt_on_sigterm,
     override_key,
     run_name,
+    source_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,10 @@ class SweepCallback(Callback):
     """None: the sweeper (not the basic one) does not say up front how many jobs it launches."""
     status: str = "KILLED"
     """How the parent ends: KILLED unless on_multirun_end decides otherwise."""
+    report: bool = True
+    """At the end, put the report on the parent run (fp8exp/report/parent.py): its files under
+    report/, summary/ metrics, the fp8exp.verdict tag and its description. Off with
+    hydra.callbacks.sweep.report=false (conf/hydra/callbacks/sweep.yaml)."""
     ended: bool = field(default=False, repr=False)
     warned: bool = field(default=False, repr=False)
 
@@ -206,6 +212,7 @@ class SweepCallback(Callback):
                 "sweep.jobs": str(self.jobs),
                 "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
                 **git_state(),
+                **source_tags(),
             }
             if not online:  # tracking.required=false: offline like a single run; the jobs nest under it there
                 tags.update({"fp8exp.sync.status": "pending", "fp8exp.sync.target_uri": tracking_uri(self.tracking)})
@@ -232,10 +239,41 @@ class SweepCallback(Callback):
                   f"python -m fp8exp.tracking_sync --from {self.uri}")
         elif parent:
             print(f"Parent run {parent} in experiment '{self.tracking.tracking.experiment}'. "
-                  f"Compare: python -m fp8exp.report --parent {parent}   (or: make report)")
+                  f"{'Report again' if self.report else 'Compare'}: python -m fp8exp.report --parent {parent}"
+                  "   (or: make report)")
+        if parent:
+            self._report(parent, records)
         self._end(records)
         if self.status != "FINISHED":
             sys.exit(1)
+
+    def _report(self, parent: str, records: list[JobRecord]) -> None:
+        """The report on the parent, before it ends. Whatever goes wrong costs one line: the
+        summary, the exit status and the parent's ending do not depend on it."""
+        if not self.report:
+            return
+        if not any(record.status == "FINISHED" for record in records):
+            print("No report on the parent run: no job finished.")
+            return
+        from mlflow.tracking import MlflowClient
+
+        from fp8exp.report.parent import report_sweep
+        from fp8exp.report.runs import ReportError
+        from fp8exp.tracking import redact
+        from fp8exp.tracking.store import fast_failing_http
+
+        try:
+            with fast_failing_http():
+                _, out, verdict = report_sweep(MlflowClient(self.uri), parent)
+        except ReportError as error:
+            print(f"No report on the parent run: {error}")
+        except Exception as error:  # noqa: BLE001
+            reason = redact.text((str(error).splitlines() or [""])[0][:200])
+            print(f"fp8exp: warning: no report on the sweep's parent run {parent} ({type(error).__name__}: "
+                  f"{reason}); make it later: python -m fp8exp.report --tracking-uri {redact.text(self.uri)} "
+                  f"--parent {parent}", file=sys.stderr)
+        else:
+            print(f"Report in {out}, on the parent run (report/, summary/ metrics, description): {verdict}")
 
     def _records(self) -> list[JobRecord]:
         found = (JobRecord(**json.loads(p.read_text())) for p in Path(self.sweep.dir).rglob(JOB_FILE))

@@ -4,6 +4,7 @@ saves the post-training quantization INT8 needs.
     python -m fp8exp.infer_bench                              # every run of the latest sweep
     python -m fp8exp.infer_bench parent=SWEEP_RUN_ID          # every run of one sweep
     python -m fp8exp.infer_bench run_id=BF16_RUN run_id=FP8_RUN
+    python -m fp8exp.infer_bench model_id=m-4f1a...             # a LoggedModel (and its run)
 
 For each run with a saved model (tracking.save_model, on by default):
 - latency (median milliseconds per `predict_on_batch` call, output back on the host) and throughput
@@ -14,12 +15,14 @@ For each run with a saved model (tracking.save_model, on by default):
   scale 1.0), and after `quantize("float8")` with scales calibrated on training examples.
 
 The metrics land on each run (`infer/latency_ms_b<N>`, `infer/examples_per_s_b<N>`,
-`infer/<variant>/accuracy`, tag `infer.device`), the table in `inference.md`: in out=DIR (default:
+`infer/<variant>/accuracy`, tag `infer.device`; on the run's LoggedModel too, when its model is one), the
+table in `inference.md`: in out=DIR (default:
 beside the sweep's report) and logged under `report/` on a sweep's parent run, or under `infer/` on
 each named run. `python -m fp8exp.report` shows the same table once a sweep has it.
 
 Settings (key=value):
-  run_id               a run to benchmark (repeatable)
+  run_id               a run to benchmark (repeatable): its LoggedModel `model`, or its artifact `model/`
+  model_id             a LoggedModel to benchmark, on its run's test data (repeatable)
   parent               a sweep's parent run: all its finished runs (default: the latest sweep)
   tracking.uri         the MLflow store, as for the runner (default: sqlite:///<current dir>/mlflow.db)
   out                  where inference.md goes
@@ -31,6 +34,7 @@ Settings (key=value):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -45,7 +49,8 @@ from fp8exp.serve.predict import UsageError, parse_settings, store_uri
 from fp8exp.serve.ptq import variant
 
 PROG = "fp8exp.infer_bench"
-KEYS = ("run_id", "parent", "tracking.uri", "out", "batch_sizes", "seconds", "calibration_examples", "max_test")
+KEYS = ("run_id", "model_id", "parent", "tracking.uri", "out", "batch_sizes", "seconds", "calibration_examples",
+        "max_test")
 FP8 = "float8"
 
 
@@ -59,6 +64,7 @@ class Settings:
     seconds: float
     calibration_examples: int
     max_test: int | None
+    model_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 def _number(key: str, text: str, kind=int, minimum=1):
@@ -72,13 +78,15 @@ def _number(key: str, text: str, kind=int, minimum=1):
 
 
 def parse_args(argv: list[str]) -> Settings:
-    settings = parse_settings(argv, KEYS, repeatable=("run_id",))
+    settings = parse_settings(argv, KEYS, repeatable=("run_id", "model_id"))
     single = {key: values[0] for key, values in settings.items()}
     run_ids = [run_id.strip() for run_id in settings.get("run_id", []) if run_id.strip()]
-    if run_ids and single.get("parent"):
-        raise UsageError("give run_id=... or parent=..., not both")
-    if "run_id" in settings and not run_ids:
-        raise UsageError("run_id is empty")
+    model_ids = [model_id.strip() for model_id in settings.get("model_id", []) if model_id.strip()]
+    if (run_ids or model_ids) and single.get("parent"):
+        raise UsageError(f"give {'run_id' if run_ids else 'model_id'}=... or parent=..., not both")
+    for key in ("run_id", "model_id"):
+        if key in settings and not (run_ids if key == "run_id" else model_ids):
+            raise UsageError(f"{key} is empty")
     sizes = [_number("batch_sizes", part) for part in single.get("batch_sizes", "1,32,256").split(",") if part.strip()]
     if not sizes:
         raise UsageError("batch_sizes: give at least one, e.g. batch_sizes=1,32,256")
@@ -86,7 +94,7 @@ def parse_args(argv: list[str]) -> Settings:
                     Path(single["out"]) if single.get("out") else None, sizes,
                     _number("seconds", single.get("seconds", "1.0"), float, 0.0),
                     _number("calibration_examples", single.get("calibration_examples", "256")),
-                    _number("max_test", single["max_test"]) if "max_test" in single else None)
+                    _number("max_test", single["max_test"]) if "max_test" in single else None, model_ids)
 
 
 # ---------------------------------------------------------------- measuring
@@ -126,18 +134,29 @@ class Target:
 
 
 def resolve_runs(client, settings: Settings):
-    """(runs to benchmark, sweep parent id or None): named runs, a sweep's children, or the latest sweep's."""
+    """([(run, LoggedModel id or None: the run's own model)] to benchmark, the sweep or None): named
+    runs and models, a sweep's children, or the latest sweep's."""
     from mlflow.exceptions import MlflowException
 
     from fp8exp.report.runs import ReportError, find_source
 
-    if settings.run_ids:
+    if settings.run_ids or settings.model_ids:
         runs = []
         for run_id in settings.run_ids:
             try:
-                runs.append(client.get_run(run_id))
+                runs.append((client.get_run(run_id), None))
             except MlflowException:
                 raise UsageError(f"no run {run_id!r} in the store") from None
+        for model_id in settings.model_ids:
+            try:
+                model = client.get_logged_model(model_id)
+            except MlflowException:
+                raise UsageError(f"no model {model_id!r} in the store") from None
+            try:
+                runs.append((client.get_run(model.source_run_id), model_id))
+            except (MlflowException, TypeError):
+                raise UsageError(f"model {model_id} has no run in the store (source run {model.source_run_id}): "
+                                 "its test data is unknown") from None
         return runs, None
     try:
         source = find_source(client, settings.parent, None)
@@ -145,7 +164,7 @@ def resolve_runs(client, settings: Settings):
         if settings.parent:
             raise UsageError(str(error).replace("--parent", "parent")) from None
         raise UsageError("no sweep in the store: name runs with run_id=... (repeatable) or a sweep with parent=...") from None
-    runs = [client.get_run(run.run_id) for run in source.runs if run.status == "FINISHED"]
+    runs = [(client.get_run(run.run_id), None) for run in source.runs if run.status == "FINISHED"]
     if not runs:
         raise UsageError(f"{source.title} has no finished runs to benchmark")
     return runs, source
@@ -172,13 +191,15 @@ def test_data(client, run, classifier, scratch: Path):
     return splits
 
 
-def bench_run(client, run, settings: Settings, scratch: Path) -> dict[str, float]:
-    """Measure one run and log the results to it; returns the metrics."""
+def bench_run(client, run, settings: Settings, scratch: Path, model_id: str | None = None) -> dict[str, float]:
+    """Measure one run's model (or its LoggedModel `model_id`) and log the results to the run, and to
+    the LoggedModel when the model is one; returns the metrics."""
     import jax
 
     from fp8exp.serve import predict
 
-    directory, name = predict.model_dir(run.info.run_id, settings.tracking_uri, scratch)
+    located = predict.locate(None if model_id else run.info.run_id, settings.tracking_uri, scratch, model_id)
+    directory, name = located.directory, located.name
     predict.check_files(directory, name)
     precision = run.data.params.get("precision.name", "?")
     print(f"{PROG}: {run.info.run_name} ({precision}) ...", file=sys.stderr, flush=True)
@@ -194,16 +215,16 @@ def bench_run(client, run, settings: Settings, scratch: Path) -> dict[str, float
         for name_ in PTQ_VARIANTS:
             metrics[f"infer/{name_}/accuracy"] = accuracy(variant(directory, name_, calibration), x_test, y_test)
     device = jax.devices()[0]
-    client.log_batch(run.info.run_id, metrics=_metrics(metrics),
+    client.log_batch(run.info.run_id, metrics=_metrics(metrics, located.model_id),
                      tags=[_tag("infer.device", f"{device.platform}:{device.device_kind}")])
     return metrics
 
 
-def _metrics(values: dict[str, float]):
+def _metrics(values: dict[str, float], model_id: str | None = None):
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, 0) for key, value in values.items()]
+    return [Metric(key, float(value), now, 0, model_id=model_id) for key, value in values.items()]
 
 
 def _tag(key: str, value: str):
@@ -247,14 +268,15 @@ def run(settings: Settings, uri: str) -> int:
     runs, source = resolve_runs(client, settings)
     benched, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="fp8exp-infer-") as scratch:
-        for index, run_ in enumerate(runs):
+        for index, (run_, model_id) in enumerate(runs):
             own = Path(scratch) / str(index)
             own.mkdir()
             try:
-                bench_run(client, run_, settings, own)
-                benched.append(run_.info.run_id)
+                bench_run(client, run_, settings, own, model_id)
+                if run_.info.run_id not in benched:
+                    benched.append(run_.info.run_id)
             except UsageError as error:
-                if settings.run_ids:  # a named run that cannot be measured is an error
+                if settings.run_ids or settings.model_ids:  # a named run that cannot be measured is an error
                     raise
                 skipped.append(f"{run_.info.run_name}: {error}")
     if not benched:

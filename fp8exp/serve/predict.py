@@ -1,6 +1,7 @@
 """`python -m fp8exp.predict run_id=RUN_ID text="..."`: classify texts with the model a run saved.
 
     python -m fp8exp.predict run_id=0c5e... text="a wonderful film"
+    python -m fp8exp.predict model_id=m-4f1a... text="a wonderful film"  # a LoggedModel (Models tab)
     python -m fp8exp.predict run_id=0c5e... file=reviews.txt          # one text per line
     cat reviews.txt | python -m fp8exp.predict run_id=0c5e...         # stdin (or file=-)
     python -m fp8exp.predict run_id=0c5e... file=a.txt file=- format=jsonl
@@ -12,7 +13,9 @@ model's sequence length are truncated, and a note says how many. A run on synthe
 no tokenizer: give token ids separated by spaces ("5 17 33").
 
 Settings (key=value):
-  run_id        the MLflow run whose model to use (required; printed at the end of every run)
+  run_id        the MLflow run whose model to use (printed at the end of every run): its LoggedModel
+                `model`, or its artifact `model/` (runs saved offline, or before fp8exp logged models)
+  model_id      or the model itself: a LoggedModel's id (`models:/<model_id>`, the Models tab)
   text          a text to classify (repeatable)
   file          a file with one text per line, `-` for stdin (repeatable); blank lines are skipped
   tracking.uri  the MLflow store, the runner's key (default: sqlite:///<current dir>/mlflow.db, as
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROG = "fp8exp.predict"
-KEYS = ("run_id", "text", "file", "tracking.uri", "format")
+KEYS = ("run_id", "model_id", "text", "file", "tracking.uri", "format")
 # Other spellings of a key: the one these commands used before they took the runner's.
 ALIASES = {"tracking_uri": "tracking.uri"}
 REPEATABLE = ("text", "file")
@@ -44,6 +47,7 @@ class UsageError(Exception):
 @dataclass
 class Args:
     run_id: str = ""
+    model_id: str = ""
     texts: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     format: str = "tsv"
@@ -87,9 +91,13 @@ def parse_args(argv: list[str], stdin=None) -> Args:
     settings = parse_settings(argv)
     args = Args()
     run_id = settings.get("run_id", [""])[0].strip()
-    if not run_id:
-        raise UsageError("run_id is required: the MLflow run whose model to use (fp8exp prints it after each run)")
-    args.run_id = run_id
+    model_id = settings.get("model_id", [""])[0].strip()
+    if run_id and model_id:
+        raise UsageError("give run_id=... or model_id=..., not both")
+    if not run_id and not model_id:
+        raise UsageError("run_id is required: the MLflow run whose model to use (fp8exp prints it after each run), "
+                         "or model_id=: its LoggedModel's id")
+    args.run_id, args.model_id = run_id, model_id
     args.tracking_uri = settings.get("tracking.uri", [None])[0] or None
     args.format = settings.get("format", ["tsv"])[0]
     if args.format not in FORMATS:
@@ -122,36 +130,105 @@ def store_uri(tracking_uri: str | None) -> str:
     return uri
 
 
-def model_dir(run_id: str, tracking_uri: str | None, scratch: Path) -> tuple[Path, str]:
-    """The run's saved model directory on this machine (downloaded into `scratch` unless the
-    artifact store is local) and a description of the run for messages. Needs MLflow only."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from urllib.parse import unquote, urlparse
+@dataclass
+class Located:
+    directory: Path
+    """The MLflow model directory on this machine."""
+    name: str
+    """The model, for messages."""
+    run_id: str | None
+    model_id: str | None
+    """The LoggedModel's id; None for a run's plain artifact `model/`."""
 
+
+def locate(run_id: str | None, tracking_uri: str | None, scratch: Path, model_id: str | None = None) -> Located:
+    """The saved model of run `run_id` or the LoggedModel `model_id`, on this machine (downloaded
+    into `scratch` unless the artifact store is local). A run's model is its newest READY LoggedModel
+    named `model`, else its plain artifact `model/`. Needs MLflow only."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from fp8exp.serve import pyfunc as serving
-
     uri = store_uri(tracking_uri)
     client = MlflowClient(uri)
+    if model_id:
+        try:
+            model = client.get_logged_model(model_id)
+        except MlflowException:
+            raise UsageError(f"no model {model_id!r} in the store at {uri}") from None
+        name = f"model {model_id} ({model.name}, {model.status}, of run {model.source_run_id})"
+        if str(model.status) == "FAILED":
+            raise UsageError(f"{name} failed while it was saved; use its run's model or train again")
+        return Located(_logged_model_files(client, model, scratch, name), name, model.source_run_id, model_id)
+
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise UsageError(f"no run {run_id!r} in the store at {uri}") from None
     name = f"run {run_id} ({run.info.run_name}, {run.info.status})"
-    saved = {artifact.path for artifact in client.list_artifacts(run_id, serving.ARTIFACT_PATH)}
-    if f"{serving.ARTIFACT_PATH}/artifacts" not in saved:
+    model = run_model(client, run)
+    if model is not None:
+        return Located(_logged_model_files(client, model, scratch, name), f"{name}, model {model.model_id}",
+                       run_id, model.model_id)
+    return Located(_artifact_files(client, run, scratch, name), name, run_id, None)
+
+
+def run_model(client, run):
+    """The run's newest READY LoggedModel named `model`, or None (a plain artifact, no model)."""
+    from fp8exp.serve import pyfunc as serving
+
+    models = client.search_logged_models(  # (a filter on status finds nothing in MLflow 3.17's SQL store)
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{serving.ARTIFACT_PATH}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return next((model for model in models if str(model.status) == "READY"), None)
+
+
+def _logged_model_files(client, model, scratch: Path, name: str) -> Path:
+    import mlflow.artifacts
+
+    from fp8exp.tracking.store import local_path
+
+    files = {artifact.path for artifact in client.list_logged_model_artifacts(model.model_id)}
+    if "artifacts" not in files or "MLmodel" not in files:
+        raise UsageError(f"{name} has no files (status {model.status}): its upload did not complete; "
+                         "use its run's model (run_id=) or train again")
+    local = local_path(model.artifact_location)
+    if local is not None and local.is_dir():
+        return local
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=str(scratch),
+                                                   tracking_uri=client.tracking_uri))
+
+
+def _artifact_files(client, run, scratch: Path, name: str) -> Path:
+    """A run's plain artifact `model/` (runs saved offline or by fp8exp before LoggedModels)."""
+    import mlflow.artifacts
+
+    from fp8exp.serve import pyfunc as serving
+    from fp8exp.tracking.store import local_path
+
+    where = f"{run.info.artifact_uri.rstrip('/')}/{serving.ARTIFACT_PATH}"
+    try:
+        saved = {artifact.path for artifact in mlflow.artifacts.list_artifacts(artifact_uri=where,
+                                                                              tracking_uri=client.tracking_uri)}
+    except Exception:  # noqa: BLE001  (stores differ in what they raise for a missing folder)
+        saved = set()
+    if "artifacts" not in {path.rstrip("/").rsplit("/", 1)[-1] for path in saved}:
         why = "it ended before saving" if run.info.status != "FINISHED" else \
             "it ran with tracking.save_model=false or before fp8exp saved models"
         raise UsageError(f"{name} has no saved model ({why}); train again with tracking.save_model=true")
-    artifact_uri = run.info.artifact_uri
-    if artifact_uri.startswith("file:"):
-        local = Path(unquote(urlparse(artifact_uri).path)) / serving.ARTIFACT_PATH
-        if local.is_dir():
-            return local, name
-    path = client.download_artifacts(run_id, serving.ARTIFACT_PATH, str(scratch))
-    return Path(path), name
+    local = local_path(run.info.artifact_uri)
+    if local is not None and (local / serving.ARTIFACT_PATH).is_dir():
+        return local / serving.ARTIFACT_PATH
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(scratch),
+                                                   tracking_uri=client.tracking_uri))
+
+
+def model_dir(run_id: str | None, tracking_uri: str | None, scratch: Path,
+              model_id: str | None = None) -> tuple[Path, str]:
+    """(the model directory, a description for messages): see locate."""
+    located = locate(run_id, tracking_uri, scratch, model_id)
+    return located.directory, located.name
 
 
 def check_files(directory: Path, name: str) -> dict:
@@ -180,9 +257,9 @@ def check_files(directory: Path, name: str) -> dict:
     return meta
 
 
-def load(run_id: str, tracking_uri: str | None, scratch: Path):
-    """(TextClassifier, run description); UsageError for anything a user can fix."""
-    directory, name = model_dir(run_id, tracking_uri, scratch)
+def load(run_id: str | None, tracking_uri: str | None, scratch: Path, model_id: str | None = None):
+    """(TextClassifier, model description); UsageError for anything a user can fix."""
+    directory, name = model_dir(run_id, tracking_uri, scratch, model_id)
     check_files(directory, name)
     import fp8exp  # noqa: F401  (the Keras backend)
     from fp8exp.serve import pyfunc as serving
@@ -223,7 +300,7 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="fp8exp-predict-") as scratch:
-            classifier, name = load(args.run_id, args.tracking_uri, Path(scratch))
+            classifier, name = load(args.run_id or None, args.tracking_uri, Path(scratch), args.model_id or None)
             from fp8exp.serve.pyfunc import InputError
 
             try:

@@ -3,7 +3,8 @@ vocabulary and what inference must know about them, packaged as an MLflow pyfunc
 takes raw strings. `python -m fp8exp.predict`, `python -m fp8exp.infer_bench` and
 `mlflow models serve` all load it through `TextClassifier`; save.py writes it.
 
-The run's artifact `model/` is an MLflow model directory:
+The run's LoggedModel `model` (`models:/<model_id>`, `runs:/<run_id>/model`; or, for runs saved
+offline or before fp8exp logged models, the run's plain artifact `model/`) is an MLflow model directory:
 
     MLmodel, pyfunc.py ...           MLflow's files; pyfunc.py is a copy of this file
     artifacts/model.keras            the trained model, without optimizer state
@@ -25,7 +26,7 @@ nothing with a confident label.
 
 This file is also the MLflow "model from code": it imports only the standard library, NumPy,
 pandas, Keras, keras-hub and MLflow, never the rest of fp8exp, so the logged model serves
-without fp8exp installed (`mlflow models serve -m runs:/RUN_ID/model --env-manager local`).
+without fp8exp installed (`mlflow models serve -m models:/MODEL_ID --env-manager local`).
 
 Why not `keras.saving.load_model`: keras-hub's TransformerDecoder builds its Dense/EinsumDense
 sublayers under its own (unquantized) policy, so a reloaded FP8 model has no place for their

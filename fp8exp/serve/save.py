@@ -1,9 +1,11 @@
-"""Save a trained model as the run's artifact `model/`: the `.keras` file without optimizer state,
-its vocabulary and metadata, as an MLflow pyfunc model whose code is serve/pyfunc.py."""
+"""Save a trained model: the `.keras` file without optimizer state, its vocabulary and metadata, as
+an MLflow pyfunc model whose code is serve/pyfunc.py, logged as the run's MLflow LoggedModel named
+`model` (see log_model), or as the run's plain artifact `model/` when the store cannot take one."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +17,14 @@ from fp8exp.serve.pyfunc import (
     META_FILE,
     VOCABULARY_FILE,
 )
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = ARTIFACT_PATH
+"""The LoggedModel's name: `runs:/<run_id>/model` resolves to the run's LoggedModel of that name."""
+MODEL_TYPE = "fp8exp-text-classifier"
+MODEL_METRICS = ("test/", "perf/step_time_ms", "perf/examples_per_s", "perf/tokens_per_s")
+"""The run's final metrics (prefixes) that the LoggedModel gets too (the Models tab's columns)."""
 
 
 def quantized_layers(net) -> dict[str, dict]:
@@ -75,8 +85,19 @@ def signature():
     return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
 
 
-def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None) -> Path:
-    """Write the MLflow model directory `directory` (must not exist); returns it."""
+def model_tags(meta: dict) -> dict[str, str]:
+    """A LoggedModel's tags: its precision and what fp8exp_model.json says, to compare at a glance."""
+    return {"precision": meta["precision"], "fp8exp.input": meta["input"],
+            "fp8exp.class_names": ", ".join(meta["class_names"]),
+            "fp8exp.sequence_length": str(meta["sequence_length"]),
+            "fp8exp.quantized_layers": str(len(meta["quantized_layers"])),
+            "fp8exp.model_format": str(meta["format"]), "fp8exp.version": meta["fp8exp_version"],
+            "fp8exp.keras_version": meta["keras_version"]}
+
+
+def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None, mlflow_model=None) -> Path:
+    """Write the MLflow model directory `directory` (must not exist); returns it. `mlflow_model`: an
+    `mlflow.models.Model` carrying a LoggedModel's ids into MLmodel."""
     import logging
     import tempfile
     import warnings
@@ -98,7 +119,8 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
                 (staging / VOCABULARY_FILE).write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
                 artifacts["vocabulary"] = str(staging / VOCABULARY_FILE)
             mlflow.pyfunc.save_model(str(directory), python_model=pyfunc.__file__, artifacts=artifacts,
-                                     signature=signature(), pip_requirements=pip_requirements())
+                                     signature=signature(), pip_requirements=pip_requirements(),
+                                     mlflow_model=mlflow_model)
         finally:
             quiet.setLevel(level)
             if progress is None:
@@ -108,25 +130,188 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
     return directory
 
 
-def log_model(run, net, splits, cfg, staging: Path) -> None:
-    """`tracking.save_model`: the trained model as the run's artifact `model/`. A local store gets it
-    written in place; for a tracking server it is written into `staging` (which must outlive the
-    run) and uploaded through the run's queue, so a server that is briefly away delays it, no more."""
-    import shutil
+def log_model(run, net, splits, cfg, staging: Path) -> str | None:
+    """`tracking.save_model`: the trained model as the run's MLflow LoggedModel `model` (the
+    experiment's Models tab, the runs table's Models column, `models:/<model_id>`,
+    `runs:/<run_id>/model`), tagged with its precision and metadata, with the run's test metrics
+    (MODEL_METRICS), and registered as a version of `tracking.register_model` if set. Returns its id.
 
+    A local artifact store gets the files written in place; for a tracking server they are written
+    into `staging` (which must outlive the run) and every call after the LoggedModel's creation goes
+    through the run's queue, so a server that goes away delays them, no more. Where no LoggedModel
+    can be created (the run is in the offline store, whose sync delivers run artifacts; or the server
+    is away right now) the model is the run's plain artifact `model/` instead, as before, and a
+    warning says so: predict, infer_bench and `runs:/<run_id>/model` use it all the same. Files bound
+    for a server are in the run's journal either way, so a run that ends up in the offline store
+    keeps its model (as the plain artifact)."""
     from fp8exp import __version__
 
     if run.run_id is None:
-        return
+        return None
     meta = describe(net, precision=cfg.precision.name, class_names=splits.class_names,
                     sequence_length=splits.sequence_length, lowercase=bool(cfg.data.get("lowercase", False)),
                     vocabulary_size=splits.vocabulary_size, has_vocabulary=splits.vocabulary is not None,
                     fp8exp_version=__version__, run_id=run.run_id)
+    register = cfg.tracking.get("register_model") or None
+    run.flush()  # the final metrics first: the LoggedModel's are the same values
+    model, why = create_logged_model(run, cfg, meta)
+    if model is None:
+        log_artifact_model(run, net, splits, meta, staging)
+        note = ""
+        if register and why.startswith("the run is in the offline store"):
+            note = (f"; not registered as {register!r} either: once synced, register it with "
+                    f"mlflow.register_model('runs:/<run id on the server>/{ARTIFACT_PATH}', {register!r})")
+        elif register:
+            note = f"; it is registered as {register!r} once the store takes the run's queued calls"
+            _queue(run, f"register:{ARTIFACT_PATH}", lambda: register_version(
+                run.client, register, f"{run.artifact_uri}/{ARTIFACT_PATH}", run.run_id, meta["precision"]))
+        log.warning("Run %s: the model is saved as the run's plain artifact %s/, not as a LoggedModel (%s); "
+                    "fp8exp.predict run_id=%s, fp8exp.infer_bench and runs:/%s/%s use it, the Models tab does not "
+                    "show it%s", run.run_id, ARTIFACT_PATH, why, run.run_id, run.run_id, ARTIFACT_PATH, note)
+        return None
+
+    import shutil
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from fp8exp.tracking.store import local_path
+
+    client, model_id = run.client, model.model_id
+    mlflow_model = Model(artifact_path=model.artifact_location, run_id=run.run_id, model_uuid=model_id,
+                         model_id=model_id)
+    local = local_path(model.artifact_location)
+    try:
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+            directory = save_mlflow_model(local, net, meta, splits.vocabulary, mlflow_model)
+        else:
+            directory = save_mlflow_model(Path(staging) / f"{ARTIFACT_PATH}-{model_id}", net, meta,
+                                          splits.vocabulary, mlflow_model)
+    except BaseException:
+        _quietly(lambda: client.finalize_logged_model(model_id, LoggedModelStatus.FAILED))
+        raise
+    # Lost for good, the server's part of the run goes to the offline store from the journal: the
+    # model with it, as the plain artifact model/ (the LoggedModel stays PENDING on the server).
+    run.journal.files[f"{ARTIFACT_PATH}/"] = str(directory)
+    uploaded = [local is not None]
+
+    def upload():
+        client.log_model_artifacts(model_id, str(directory))
+        uploaded[0] = True
+
+    def finalize():
+        if uploaded[0]:
+            client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+            return
+        # The store rejected the upload (a client error, not an outage): keep the files as before.
+        log.warning("Run %s: the upload of LoggedModel %s was rejected; the model goes to the run's artifact "
+                    "%s/ instead", run.run_id, model_id, ARTIFACT_PATH)
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        client.log_artifacts(run.run_id, str(directory), ARTIFACT_PATH)
+
+    if local is None:
+        _queue(run, f"model:{model_id}:files", upload)
+    metrics, step = model_metrics(run.journal.metrics, model_id)
+    _queue(run, f"model:{model_id}:output", lambda: client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step)]))
+    if metrics:
+        _queue(run, f"model:{model_id}:metrics", lambda: client.log_batch(run.run_id, metrics=metrics))
+    _queue(run, f"model:{model_id}:ready", finalize)
+    if register:
+        _queue(run, f"model:{model_id}:register", lambda: register_version(
+            client, register, model.artifact_location, run.run_id, meta["precision"], model_id))
+    log.info("Run %s: model saved as LoggedModel %s (models:/%s)", run.run_id, model_id, model_id)
+    return model_id
+
+
+def create_logged_model(run, cfg, meta: dict):
+    """(the run's new LoggedModel, "") or (None, why there is none): created at once, outside the
+    queue, as everything after it needs its id; a store away or refusing it is no error."""
+    from fp8exp.config import offline_uri
+
+    if run.uri == offline_uri(cfg):
+        return None, "the run is in the offline store, and tracking_sync delivers a run's artifacts"
+    if run.in_outage:
+        return None, f"the tracking store {run.uri} is unreachable"
+    try:
+        created = run.client.get_run(run.run_id)
+        params = run.journal.params or created.data.params  # a resumed run logged none in this process
+        model = run.client.create_logged_model(
+            created.info.experiment_id, name=MODEL_NAME, source_run_id=run.run_id, tags=model_tags(meta),
+            params=dict(params), model_type=MODEL_TYPE)
+    except Exception as error:  # noqa: BLE001  (a model is not worth failing a trained run)
+        first = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return None, f"the tracking store {run.uri} could not create it: {first}"
+    return model, ""
+
+
+def model_metrics(journal_metrics, model_id: str):
+    """(the latest value of each MODEL_METRICS key, with model_id, the step of the test metrics):
+    the same timestamps and steps as logged on the run, so the run's history gains no points."""
+    from mlflow.entities import Metric
+
+    latest = {}
+    for metric in list(journal_metrics):  # (the system-metrics thread appends meanwhile)
+        if metric.key.startswith(MODEL_METRICS):
+            latest[metric.key] = metric
+    step = max((m.step for key, m in latest.items() if key.startswith("test/")), default=0)
+    return [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest.values()], step
+
+
+def register_version(client, name: str, source: str, run_id: str, precision: str, model_id: str | None = None):
+    """A version of registered model `name` (created if new) for `source`, tagged with the precision,
+    and named in the LoggedModel's tag `mlflow.modelVersions` (where the UI looks), as
+    `mlflow.register_model` does. Sent again after an outage, it finds its version instead of adding
+    one. The source is the model's storage location, not `models:/<model_id>`: a SQLite registry
+    resolves that through the process's global tracking URI, not this client's (MLflow 3.17)."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    escaped = name.replace("'", "\\'")
+    version = next((v for v in client.search_model_versions(f"name = '{escaped}' AND run_id = '{run_id}'")
+                    if v.source == source), None)
+    if version is None:
+        version = client.create_model_version(name, source, run_id=run_id, tags={"precision": precision},
+                                              model_id=model_id, await_creation_for=0)
+    if model_id:
+        listed = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+        entry = {"name": version.name, "version": str(version.version)}
+        if entry not in listed:
+            client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, entry])})
+    return version
+
+
+def log_artifact_model(run, net, splits, meta: dict, staging: Path) -> None:
+    """The model as the run's plain artifact `model/` (fp8exp's layout before LoggedModels)."""
+    import shutil
+
     local = run.local_artifact_dir()
     if local is not None:
         target = Path(local) / ARTIFACT_PATH
         shutil.rmtree(target, ignore_errors=True)  # a resumed run saves again
         save_mlflow_model(target, net, meta, splits.vocabulary)
     else:
-        run.log_artifacts(save_mlflow_model(Path(staging) / ARTIFACT_PATH, net, meta, splits.vocabulary),
-                          ARTIFACT_PATH)
+        directory = Path(staging) / ARTIFACT_PATH
+        shutil.rmtree(directory, ignore_errors=True)
+        run.log_artifacts(save_mlflow_model(directory, net, meta, splits.vocabulary), ARTIFACT_PATH)
+
+
+def _queue(run, key: str, call) -> None:
+    """Through the run's queue; a call the store rejects is logged, not raised: training is done."""
+    try:
+        run.call(key, call)
+    except Exception as error:  # noqa: BLE001
+        log.error("MLflow rejected a call for run %s's model (%s): %s", run.run_id, key, error)
+
+
+def _quietly(call) -> None:
+    try:
+        call()
+    except Exception:  # noqa: BLE001
+        pass

@@ -60,8 +60,9 @@ def process_tags() -> dict[str, str]:
 
 
 class Heartbeat(keras.callbacks.Callback):
-    """Tag `fp8exp.heartbeat` (Unix seconds) at most every HEARTBEAT_S while training or validating:
-    one tag write a minute, no model read."""
+    """Tag `fp8exp.heartbeat` (Unix seconds) at most every HEARTBEAT_S while training or validating,
+    and send the metrics buffered since the last flush (the system metrics of a long epoch): one
+    tag write and one metrics batch a minute, no model read."""
 
     def __init__(self, run, every_s: float = HEARTBEAT_S):
         super().__init__()
@@ -74,6 +75,7 @@ class Heartbeat(keras.callbacks.Callback):
         if time.monotonic() - self._last >= self.every_s and not self.run.in_outage:
             self._last = time.monotonic()
             self.run.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
+            self.run.flush()
 
     def on_train_batch_end(self, batch, logs=None):
         self._beat()

@@ -36,7 +36,11 @@ def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id
     with fast_failing_http():
         run = _open(cfg, run_name, tags, resume_run_id, offline)
         status = "FAILED"
+        monitor = None
         try:
+            if cfg.tracking.get("system_metrics", True):
+                from fp8exp.tracking import system
+                monitor = system.start(run)
             if resume_run_id is None:
                 resolved = OmegaConf.to_container(cfg, resolve=True)
                 run.log_params(flatten(resolved))
@@ -54,6 +58,8 @@ def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id
             raise
         finally:
             with shield():
+                if monitor is not None:
+                    monitor.finish()  # its last sample goes with the rest
                 run.close(status, cfg.tracking.retry_s if status != "KILLED" else min(cfg.tracking.retry_s, KILLED_RETRY_S), cfg)
             if offline:
                 run.delivery_note = (f"The tracking server {tracking_uri(cfg)} was unreachable at start "

@@ -9,11 +9,11 @@ tracking.required=false) is written whole into a local SQLite store, the offline
 
 tops up the server's copy of each pending run that has ended (the same run id, when the server
 has the part it received before the outage; a new run otherwise) with the params, tags, metric
-values and artifacts it lacks, sets its final status, and marks the offline copy `done`. A run
-still training is skipped: it stays pending. Running it twice, or again after a sync that broke
-off, sends nothing twice: the server run's id is recorded as soon as it exists, and metric values
-are matched by (key, step, timestamp, value). A sweep's parent goes first, so that its children
-(`mlflow.parentRunId`) nest under its server copy.
+values, dataset inputs and artifacts it lacks, sets its final status, and marks the offline copy
+`done`. A run still training is skipped: it stays pending. Running it twice, or again after a sync
+that broke off, sends nothing twice: the server run's id is recorded as soon as it exists, metric
+values are matched by (key, step, timestamp, value) and datasets by (name, digest). A sweep's
+parent goes first, so that its children (`mlflow.parentRunId`) nest under its server copy.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def write_offline(journal, status: str, end_time: int, uri: str, remote_uri: str
     run_id = client.create_run(experiment_id, start_time=journal.start_time, run_name=journal.run_name).info.run_id
     _log_batches(client, run_id, params=[Param(k, v) for k, v in journal.params.items()],
                  tags=[RunTag(k, v) for k, v in tags.items()], metrics=journal.metrics)
+    if journal.inputs:
+        client.log_inputs(run_id, datasets=journal.inputs)
     for artifact_file, text in journal.texts.items():
         client.log_text(run_id, text, artifact_file)
     for artifact_dir, path in journal.files.items():
@@ -120,6 +122,11 @@ def sync_run(source, run, target_uri: str, parent_id: str | None = None) -> tupl
         have = {_metric_id(m) for m in target.get_metric_history(remote_id, key)}
         metrics += [m for m in source.get_metric_history(run.info.run_id, key) if _metric_id(m) not in have]
     _log_batches(target, remote_id, params=params, tags=new_tags, metrics=metrics)
+    known = {(i.dataset.name, i.dataset.digest) for i in remote.inputs.dataset_inputs} if remote.inputs else set()
+    inputs = [i for i in (run.inputs.dataset_inputs if run.inputs else [])
+              if (i.dataset.name, i.dataset.digest) not in known]
+    if inputs:  # the run's datasets (the UI's Dataset column)
+        target.log_inputs(remote_id, datasets=inputs)
     with tempfile.TemporaryDirectory(prefix="fp8exp-sync-") as tmp:
         if source.list_artifacts(run.info.run_id):
             local = source.download_artifacts(run.info.run_id, "", tmp)

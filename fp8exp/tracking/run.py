@@ -12,6 +12,7 @@ artifacts (see redact.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,9 @@ class NullRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
+    def log_inputs(self, datasets: list) -> None:
+        pass
+
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
@@ -106,6 +110,8 @@ class Journal:
     texts: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     """artifact dir -> local file logged into it (the latest)."""
+    inputs: list = field(default_factory=list)
+    """DatasetInputs (the run's data, see datasets.py)."""
 
 
 class MlflowRun(NullRun):
@@ -121,6 +127,7 @@ class MlflowRun(NullRun):
         self.journal = journal
         self.artifact_uri = artifact_uri
         self._metrics: list = []
+        self._metrics_lock = threading.Lock()  # the system-metrics thread logs too (system.py)
         self._queue: list[tuple[str, Callable[[], None]]] = []
         self._in_outage = False
         self.failed_calls = 0
@@ -131,8 +138,9 @@ class MlflowRun(NullRun):
 
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self._metrics.extend(entries)
-        self.journal.metrics.extend(entries)
+        with self._metrics_lock:
+            self._metrics.extend(entries)
+            self.journal.metrics.extend(entries)
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -149,6 +157,12 @@ class MlflowRun(NullRun):
         text = redact.text(text)
         self.journal.texts[artifact_file] = text
         self._enqueue(f"text:{artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow DatasetInputs (datasets.dataset_inputs): the Dataset column of the UI."""
+        self.journal.inputs.extend(datasets)
+        self._queue.append(("inputs", lambda: self.client.log_inputs(self.run_id, datasets=datasets)))
+        self._deliver()
 
     def log_artifact(self, path: Path, artifact_dir: str) -> None:
         """Upload the file at `path` (its content when the upload happens: the latest)."""
@@ -173,9 +187,16 @@ class MlflowRun(NullRun):
     def local_artifact_dir(self) -> Path | None:
         return local_path(self.artifact_uri)
 
+    def call(self, key: str, call: Callable[[], Any]) -> None:
+        """Any other store call (a LoggedModel's, say) through the ordered queue: sent after what
+        is queued before it, kept and retried while the store is away. Not in the journal: the
+        offline copy holds only what the journal describes."""
+        self._enqueue(key, call)
+
     def flush(self) -> None:
         while self._metrics:
-            batch, self._metrics = self._metrics[:BATCH_LIMIT], self._metrics[BATCH_LIMIT:]
+            with self._metrics_lock:
+                batch, self._metrics = self._metrics[:BATCH_LIMIT], self._metrics[BATCH_LIMIT:]
             self._queue.append(("metrics", lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch)))
         self._deliver()
 

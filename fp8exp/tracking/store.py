@@ -76,18 +76,32 @@ def check_reachable(cfg: DictConfig, timeout_s: float = 5.0) -> bool:
                           "or tracking=none") from None
 
 
+# The experiment's kind as the MLflow UI's own experiment-type selector stores it: model training
+# ("Machine learning"), not GenAI. MLflow 3.17's UI reads it only with its workflow toggle turned off;
+# as shipped it opens experiments in the view the GenAI / Model training toggle picks (kept in the
+# browser, default GenAI; `?workflowType=machine_learning` in the URL picks Model training).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
-    """Get or create; a concurrent job creating it first is not an error."""
+    """Get or create (marked a model-training experiment, EXPERIMENT_KIND_TAG, also when an
+    existing one has no kind yet); a concurrent job creating it first is not an error."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose stays
+        try:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except MlflowException as error:  # a read-only experiment, say: the runs matter more
+            log.warning("Could not mark experiment %r as model training: %s", name, error)
     return experiment.experiment_id
 
 
