@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fp8exp import data
 from fp8exp.config import ConfigError
+from fp8exp.config.schema import model_name
 from fp8exp.models import classifier
 from fp8exp.precision import policy
 from fp8exp.precision.gemm import inspect_train_step
@@ -48,7 +49,7 @@ def environment_tags(cfg: DictConfig, context: LaunchContext) -> dict[str, str]:
     devices = jax.devices()
     tags = {
         "precision": cfg.precision.name,
-        "model": cfg.model.preset,
+        "model": model_name(cfg.model),
         "data": cfg.data.name,
         "overrides": " ".join(context.overrides),
         "backend": keras.backend.backend(),
@@ -70,6 +71,10 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     Raises ConfigError for settings only checkable at run time (an unreachable tracking server,
     a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
+    if cfg.model.family != "classifier":
+        raise ConfigError("model.family", f"{cfg.model.family}: the keras-hub families are built and checked "
+                          "(fp8exp/models/families.py) but the runner trains only the reference classifier so far; "
+                          "use model=tiny, small, base or large")
     context = context or LaunchContext()
     online = check_reachable(cfg)
     resume = None
