@@ -81,11 +81,17 @@ def test_runs_on_the_same_data_share_datasets_and_the_filter_finds_them(runs):
     assert len(client.search_runs([experiment], "dataset.name = 'synthetic:test'")) == 3
 
 
-def test_a_cut_for_data_parallel_devices_is_other_data():
-    x, y = np.zeros((10, 4), np.int32), np.zeros(10, np.int32)
-    splits = Splits(x, y, x, y, x, y, ["a", "b"], 8, fingerprint="f" * 20)
-    assert splits.divisible_by(2).fingerprint == "f" * 20  # nothing cut: the same data
-    assert splits.divisible_by(4).fingerprint not in ("f" * 20, "")
+def test_the_fingerprint_is_the_content_so_only_other_data_changes_it(tmp_path):
+    x, y = np.arange(40, dtype=np.int32).reshape(10, 4), np.zeros(10, np.int32)
+    splits = Splits(x, y, x, y, x, y, ["a", "b"], 8)
+    # Nothing cut: the same data; 8 of 10 kept, whatever the device count asking for it: the same data.
+    assert splits.divisible_by(2).fingerprint == splits.fingerprint
+    assert splits.divisible_by(4).fingerprint == splits.divisible_by(8).fingerprint != splits.fingerprint
+    assert Splits(x.copy(), y, x, y, x, y, ["a", "b"], 8).fingerprint == splits.fingerprint  # another copy, same data
+    other = x.copy()
+    other[0, 0] = 1
+    assert Splits(other, y, x, y, x, y, ["a", "b"], 8).fingerprint != splits.fingerprint
+    assert Splits(x, y, x, y, x, y, ["a", "c"], 8).fingerprint != splits.fingerprint
 
 
 def summary(digest: str) -> dict:

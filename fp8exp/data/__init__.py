@@ -5,6 +5,7 @@ knows where the text came from."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -37,9 +38,19 @@ class Splits:
     folder's name, `synthetic` (set by load())."""
     source_uri: str | None = None
     """Where it came from: a local path or the download URL; None for generated data."""
-    fingerprint: str = ""
-    """Identity of exactly these splits: the prepared-data cache key (for synthetic data, a
-    fingerprint of its settings). The MLflow datasets' digest: runs on the same data share them."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identity of exactly these splits, from their content (token ids, labels, vocabulary, class
+        names): the same data on any machine, cache or path gives the same one, and any change (a
+        split cut to fit the devices, another tokenization) another. The MLflow datasets' digest."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update("\n".join(self.vocabulary or []).encode())
+        digest.update("\n".join(self.class_names).encode())
+        return digest.hexdigest()[:20]
 
     @property
     def num_classes(self) -> int:
@@ -55,13 +66,8 @@ class Splits:
         if ways == 1:
             return self
         cut = {name: len(getattr(self, name)) // ways * ways for name in ("y_train", "y_val", "y_test")}
-        fingerprint = self.fingerprint
-        if any(cut[name] < len(getattr(self, name)) for name in cut):  # fewer examples: other data
-            from fp8exp.data.cache import fingerprint as digest
-            fingerprint = digest(self.fingerprint, "divisible_by", ways)
         return dataclasses.replace(
-            self, fingerprint=fingerprint,
-            x_train=self.x_train[:cut["y_train"]], y_train=self.y_train[:cut["y_train"]],
+            self, x_train=self.x_train[:cut["y_train"]], y_train=self.y_train[:cut["y_train"]],
             x_val=self.x_val[:cut["y_val"]], y_val=self.y_val[:cut["y_val"]],
             x_test=self.x_test[:cut["y_test"]], y_test=self.y_test[:cut["y_test"]])
 
@@ -122,8 +128,8 @@ def load(data: DictConfig) -> Splits:
         arrays, vocabulary, meta = stored
         log.info("Using prepared %s data from %s", data.name, entry)
         return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
-                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, fingerprint=key, **source)
-    splits = dataclasses.replace(read_and_prepare(read, data), fingerprint=key, **source)
+                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, **source)
+    splits = dataclasses.replace(read_and_prepare(read, data), **source)
     cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
                 {"class_names": splits.class_names, "notes": splits.notes})
     log.info("Prepared %s data cached in %s", data.name, entry)

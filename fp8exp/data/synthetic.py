@@ -5,13 +5,11 @@ evidence rather than spot one token). Deterministic for a seed and learnable wel
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fp8exp.data import Splits
-from fp8exp.data.cache import fingerprint
 
 FIRST_TOKEN = 2  # 0 pads, 1 is the unknown token, as with a WordPiece vocabulary
-GENERATOR_VERSION = 1  # bump when generate() makes other data for the same settings (a new fingerprint)
 
 
 def generate(rng: np.random.Generator, n: int, data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -41,5 +39,4 @@ def generate_splits(data: DictConfig) -> Splits:
     x_test, y_test = generate(test_rng, data.num_test, data)
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test,
                   class_names=[f"class_{i}" for i in range(data.num_classes)],
-                  vocabulary_size=data.vocabulary_size, source_name="synthetic",
-                  fingerprint=fingerprint("synthetic", GENERATOR_VERSION, OmegaConf.to_container(data, resolve=True)))
+                  vocabulary_size=data.vocabulary_size, source_name="synthetic")

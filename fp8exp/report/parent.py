@@ -31,7 +31,7 @@ ARTIFACT_DIR = "report"
 MAX_VERDICT_CHARS = 500
 MAX_NOTE_CHARS = 8000
 """MLflow's cap on a tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)."""
-METRIC_BATCH = 1000
+METRIC_BATCH = 998  # MLflow takes at most 1000 entities per log_batch; the first carries 2 tags
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^()/\s]+\.png)\)$")
 
 

@@ -241,9 +241,9 @@ class SweepCallback(Callback):
             print(f"Parent run {parent} in experiment '{self.tracking.tracking.experiment}'. "
                   f"{'Report again' if self.report else 'Compare'}: python -m fp8exp.report --parent {parent}"
                   "   (or: make report)")
+        self._end(records)  # first: a report that hangs or is killed must not leave the parent RUNNING
         if parent:
             self._report(parent, records)
-        self._end(records)
         if self.status != "FINISHED":
             sys.exit(1)
 

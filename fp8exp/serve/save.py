@@ -17,6 +17,7 @@ from fp8exp.serve.pyfunc import (
     META_FILE,
     VOCABULARY_FILE,
 )
+from fp8exp.tracking.offline import MODEL_ID_TAG
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
     # Lost for good, the server's part of the run goes to the offline store from the journal: the
     # model with it, as the plain artifact model/ (the LoggedModel stays PENDING on the server).
     run.journal.files[f"{ARTIFACT_PATH}/"] = str(directory)
+    # Which LoggedModel to close at sync if the run ends up offline before it is READY.
+    run.set_tags({MODEL_ID_TAG: model_id})
     uploaded = [local is not None]
 
     def upload():
@@ -218,8 +221,14 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
         _queue(run, f"model:{model_id}:metrics", lambda: client.log_batch(run.run_id, metrics=metrics))
     _queue(run, f"model:{model_id}:ready", finalize)
     if register:
-        _queue(run, f"model:{model_id}:register", lambda: register_version(
-            client, register, model.artifact_location, run.run_id, meta["precision"], model_id))
+        def register_uploaded():  # a rejected upload left the files in the run's model/, not in the LoggedModel
+            if uploaded[0]:
+                register_version(client, register, model.artifact_location, run.run_id, meta["precision"], model_id)
+            else:
+                register_version(client, register, f"{run.artifact_uri}/{ARTIFACT_PATH}", run.run_id,
+                                 meta["precision"])
+
+        _queue(run, f"model:{model_id}:register", register_uploaded)
     log.info("Run %s: model saved as LoggedModel %s (models:/%s)", run.run_id, model_id, model_id)
     return model_id
 

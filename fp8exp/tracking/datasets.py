@@ -19,10 +19,10 @@ CONTEXT_TAG = "mlflow.data.context"
 
 def _source(source: str | None) -> tuple[str, str]:
     """MLflow's (source_type, source) for a download URL, a local path, or generated data."""
-    if source and source.startswith(("http://", "https://")):
-        return "http", json.dumps({"url": redact.text(source)})
+    if source and "://" in source:  # any URL (ftp:// too) can carry credentials
+        return ("http" if source.startswith(("http://", "https://")) else "url"), json.dumps({"url": redact.text(source)})
     if source:
-        return "local", json.dumps({"uri": source})
+        return "local", json.dumps({"uri": redact.text(source)})
     return "code", json.dumps({"tags": {"generator": "fp8exp.data.synthetic"}})
 
 

@@ -87,6 +87,25 @@ def server_parent(source, run) -> str | None:
     return parent.data.tags.get("fp8exp.sync.remote_run_id") if parent else None
 
 
+MODEL_ID_TAG = "fp8exp.model_id"  # the run's LoggedModel on the server (serve/save.py)
+
+
+def _close_pending_model(target, model_id: str | None) -> None:
+    """A run that went offline after its LoggedModel was created leaves that model PENDING on the
+    server, with its files in the run's artifact model/ instead (delivered above): mark it FAILED,
+    so neither the Models tab nor MLflow's runs:/ resolution takes the empty model."""
+    if not model_id:
+        return
+    from mlflow.entities import LoggedModelStatus
+
+    try:
+        model = target.get_logged_model(model_id)
+    except Exception:  # noqa: BLE001  (never created there, or an old server: nothing to close)
+        return
+    if str(model.status).endswith("PENDING"):
+        target.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+
+
 def sync_run(source, run, target_uri: str, parent_id: str | None = None) -> tuple[str, int]:
     """Top up (or create) the target's copy of the offline `run` (a child of `parent_id` there);
     returns (target run id, metric values sent)."""
@@ -132,6 +151,7 @@ def sync_run(source, run, target_uri: str, parent_id: str | None = None) -> tupl
             local = source.download_artifacts(run.info.run_id, "", tmp)
             target.log_artifacts(remote_id, local)
     target.set_terminated(remote_id, run.info.status, run.info.end_time)
+    _close_pending_model(target, tags.get(MODEL_ID_TAG))
     source.set_tag(run.info.run_id, "fp8exp.sync.status", "done")
     return remote_id, len(metrics)
 

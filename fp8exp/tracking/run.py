@@ -33,7 +33,7 @@ PARAM_LIMIT = 100  # ... and at most 100 params
 
 # MLflow error codes that mean "this call is wrong", not "the store is away": not retried.
 CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-                 "INVALID_STATE", "BAD_REQUEST"}
+                 "INVALID_STATE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"}
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -161,7 +161,17 @@ class MlflowRun(NullRun):
     def log_inputs(self, datasets: list) -> None:
         """MLflow DatasetInputs (datasets.dataset_inputs): the Dataset column of the UI."""
         self.journal.inputs.extend(datasets)
-        self._queue.append(("inputs", lambda: self.client.log_inputs(self.run_id, datasets=datasets)))
+
+        def log_inputs():  # best effort: a store that refuses them (an older server) still gets the run
+            try:
+                self.client.log_inputs(self.run_id, datasets=datasets)
+            except Exception as error:
+                if is_outage(error):
+                    raise
+                log.warning("Tracking store %s refused the run's dataset inputs (%s); the run goes on without them",
+                            self.uri, str(error).splitlines()[0][:200])
+
+        self._queue.append(("inputs", log_inputs))
         self._deliver()
 
     def log_artifact(self, path: Path, artifact_dir: str) -> None:

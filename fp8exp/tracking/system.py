@@ -65,8 +65,10 @@ def start(run, sampling_interval_s: float = SAMPLING_INTERVAL_S):
             if self._process is None:
                 return
             self._shutdown_event.set()
-            self._process.join()
-            self._process = None
+            self._process.join(timeout=self.sampling_interval + 5)  # a wedged GPU query must not hold the run open
+            stuck, self._process = self._process.is_alive(), None
+            if stuck:
+                return
             try:
                 self.collect_metrics()
                 self.publish_metrics(self.aggregate_metrics())
