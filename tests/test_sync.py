@@ -103,3 +103,17 @@ def test_a_sweep_started_offline_syncs_as_one_parent_with_its_children(tmp_path)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED" and "test/accuracy" in child.data.metrics
+
+
+def test_a_logged_model_left_pending_by_a_run_gone_offline_is_closed_at_sync(tmp_path):
+    source, target = stores(tmp_path)
+    server = MlflowClient(target)
+    experiment = ensure_experiment(server, "fp8exp", (tmp_path / "server-artifacts").as_uri())
+    remote = server.create_run(experiment, run_name="offline").info.run_id
+    model = server.create_logged_model(experiment, name="model", source_run_id=remote)  # then the server went away
+    run_id = pending_run(source, target, status="FINISHED")
+    MlflowClient(source).set_tag(run_id, "fp8exp.sync.remote_run_id", remote)
+    MlflowClient(source).set_tag(run_id, offline.MODEL_ID_TAG, model.model_id)
+    assert str(server.get_logged_model(model.model_id).status).endswith("PENDING")
+    assert offline.sync(source, out=io.StringIO()) == 0
+    assert str(server.get_logged_model(model.model_id).status).endswith("FAILED")
