@@ -167,7 +167,9 @@ def test_basic_sweep_ends_with_the_report_on_its_parent(basic):
             base["perf/step_time_ms"] / fp8["perf/step_time_ms"])
         assert f"summary/float8-h{hidden}/delta_ci_low" not in metrics  # one seed: no interval
     assert tags["fp8exp.verdict"].startswith("float8 h32: accuracy ")
-    assert tags["fp8exp.verdict"].endswith("mixed_bfloat16 here") and "\n" not in tags["fp8exp.verdict"]
+    # The crossover line closes it; which one depends on the measured step times, not asserted here.
+    assert re.search(r"\| float8 is (never faster than mixed_bfloat16 here|faster than mixed_bfloat16 at \S.*)$",
+                     tags["fp8exp.verdict"]) and "\n" not in tags["fp8exp.verdict"]
     assert "| float8         | h64  |" in tags["mlflow.note.content"]
     assert f"run_uuid={parent.info.run_id})" in tags["mlflow.note.content"]
     report = Path(tags["sweep.dir"]) / "report"

@@ -17,6 +17,7 @@ from fp8exp.config.schema import (
     FP8_SOURCE_POLICIES,
     MODEL_FAMILIES,
     PRECISIONS,
+    TASKS,
     TRACKERS,
 )
 
@@ -143,6 +144,8 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}", f"model.family={family} has no {key} (only {', '.join(families)} "
                               f"do); remove it or set it to null")
     task = OmegaConf.select(cfg, "task.name", default=None)
+    if task is not None and task not in TASKS:
+        raise ConfigError("task.name", f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     if task is not None:
         check_task(family, task)
     if not 0.0 <= model.dropout < 1.0:

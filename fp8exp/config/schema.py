@@ -23,6 +23,7 @@ class SyntheticDataConfig:
     sequence_length: int = 200
     """Tokens per example after padding/truncation."""
     num_train: int = 2000
+    """Examples per split (task=causal_lm: generated documents, packed into windows)."""
     num_validation: int = 500
     num_test: int = 500
     num_classes: int = 2
@@ -146,6 +147,18 @@ def model_name(model: Any) -> str:
     return model.size if model.family == "classifier" else f"{model.family}_{model.size}"
 
 
+TASKS = ("classify", "causal_lm")
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns (conf/task/)."""
+
+    name: str = "classify"
+    """classify (token ids -> a label; accuracy) | causal_lm (next-token prediction on packed windows
+    of data.sequence_length + 1 tokens; loss and perplexity; gpt2/llama/gemma only, see FAMILY_TASKS)."""
+
+
 @dataclass
 class PrecisionConfig:
     name: str = MISSING
@@ -248,6 +261,7 @@ class DistributionConfig:
 class Config:
     data: Any = MISSING
     model: ModelConfig = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
     precision: PrecisionConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -261,3 +275,5 @@ def register_configs() -> None:
     for name, node in (("synthetic", SyntheticDataConfig), ("imdb", ImdbDataConfig),
                        ("text_dir", TextDirDataConfig), ("table", TableDataConfig)):
         cs.store(group="schema/data", name=name, node=node)
+    for name in TASKS:
+        cs.store(group="schema/task", name=name, node=TaskConfig(name=name))

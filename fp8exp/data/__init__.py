@@ -1,5 +1,6 @@
 """Datasets, all delivered the same way: token-id arrays padded to the sequence length, integer
-labels and class names. Every source (`data.name`) turns into `Splits`; nothing downstream
+labels and class names (task=classify), or packed windows of sequence_length + 1 tokens
+(task=causal_lm, see packing.py). Every source (`data.name`) turns into `Splits`; nothing downstream
 knows where the text came from."""
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Splits:
     folder's name, `synthetic` (set by load())."""
     source_uri: str | None = None
     """Where it came from: a local path or the download URL; None for generated data."""
+    task: str = "classify"
+    """classify: x_* are (n, sequence_length) padded ids, y_* labels. causal_lm: x_* are packed
+    (n, sequence_length + 1) windows (packing.py), y_* zeros (unused; the labels are the windows
+    shifted by one), class_names empty."""
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -58,7 +63,8 @@ class Splits:
 
     @property
     def sequence_length(self) -> int:
-        return self.x_train.shape[1]
+        """Tokens the model reads per example (a causal_lm window holds one more: the last label)."""
+        return self.x_train.shape[1] - (self.task == "causal_lm")
 
     def divisible_by(self, ways: int) -> "Splits":
         """Each split cut to a multiple of `ways`, so every batch, the last one too, splits
@@ -75,6 +81,10 @@ class Splits:
         """`data/` metrics: split sizes, examples per class in training, preparation notes."""
         metrics = {"data/num_train": len(self.y_train), "data/num_validation": len(self.y_val),
                    "data/num_test": len(self.y_test), "data/num_classes": self.num_classes}
+        if self.task == "causal_lm":  # windows, not examples; and the tokens the model learns from
+            metrics["data/train_tokens"] = int(len(self.y_train) * self.sequence_length)
+            metrics.update({f"data/{key}": value for key, value in self.notes.items()})
+            return metrics
         counts = np.bincount(self.y_train, minlength=self.num_classes)
         metrics.update({f"data/train_class_{i}": int(c) for i, c in enumerate(counts)})
         metrics.update({f"data/{key}": value for key, value in self.notes.items()})
@@ -94,12 +104,13 @@ class Splits:
                 "label_dtype": str(self.y_train.dtype)}
 
 
-def load(data: DictConfig) -> Splits:
+def load(data: DictConfig, task: str = "classify") -> Splits:
     """The seam every data source plugs into: synthetic data is generated, real text is
-    read, tokenized and cached under a fingerprint of the source and the settings."""
+    read, tokenized and cached under a fingerprint of the source and the settings (and the task:
+    causal_lm packs the text into windows, see packing.py)."""
     if data.name == "synthetic":
-        from fp8exp.data.synthetic import generate_splits
-        return generate_splits(data)
+        from fp8exp.data.synthetic import generate_lm_splits, generate_splits
+        return generate_lm_splits(data) if task == "causal_lm" else generate_splits(data)
 
     from fp8exp.data import cache, imdb, sources
 
@@ -114,13 +125,16 @@ def load(data: DictConfig) -> Splits:
         source_id = sources.directory_identity(root) if root.is_dir() else None
         source = ({"source_name": "imdb", "source_uri": str(root.resolve()) if data.path else data.url}
                   if data.name == "imdb" else {"source_name": root.resolve().name, "source_uri": str(root.resolve())})
+    prepare = read_and_pack if task == "causal_lm" else read_and_prepare
     if source_id is None:
-        return read_and_prepare(read, data)  # raises the reader's clear error about the path
+        return prepare(read, data)  # raises the reader's clear error about the path
 
     # Where the source lives and how big a download may be do not shape the splits; data.sha256
     # (the archive's identity) does, and stays in.
     settings = {k: v for k, v in OmegaConf.to_container(data).items()
                 if k not in ("cache_dir", "path", "url", "max_download_bytes")}
+    if task != "classify":  # classify keeps the keys its caches were stored under
+        settings["task"] = task
     key = cache.fingerprint(source_id, settings)
     entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, key)
     stored = cache.load(entry)
@@ -128,10 +142,11 @@ def load(data: DictConfig) -> Splits:
         arrays, vocabulary, meta = stored
         log.info("Using prepared %s data from %s", data.name, entry)
         return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
-                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, **source)
-    splits = dataclasses.replace(read_and_prepare(read, data), **source)
+                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, task=meta.get("task", "classify"),
+                      **source)
+    splits = dataclasses.replace(prepare(read, data), **source)
     cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
-                {"class_names": splits.class_names, "notes": splits.notes})
+                {"class_names": splits.class_names, "notes": splits.notes, "task": splits.task})
     log.info("Prepared %s data cached in %s", data.name, entry)
     return splits
 
@@ -151,3 +166,29 @@ def read_and_prepare(read, data: DictConfig) -> Splits:
     return Splits(x["train"], raw.labels["train"], x["validation"], raw.labels["validation"],
                   x["test"], raw.labels["test"], class_names=raw.class_names,
                   vocabulary_size=len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
+
+
+END_OF_TEXT = "[EOT]"
+"""The token joining packed documents (task=causal_lm): appended to the WordPiece vocabulary, last id."""
+
+
+def read_and_pack(read, data: DictConfig) -> Splits:
+    """task=causal_lm: raw text only (labels unused) -> WordPiece vocabulary (training split only,
+    plus END_OF_TEXT) -> each split's documents tokenized in full and packed into windows of
+    data.sequence_length + 1 tokens (packing.pack_splits)."""
+    from fp8exp.data import packing, tokenize
+
+    raw = read()
+    texts = {split: [t.lower() for t in items] if data.lowercase else list(items) for split, items in raw.texts.items()}
+    vocabulary = tokenize.train_vocabulary(texts["train"], data.vocabulary_size - 1) + [END_OF_TEXT]
+    documents = {split: tokenize.encode_documents(items, vocabulary) for split, items in texts.items()}
+    windows = packing.pack_splits(documents, data.sequence_length, end_of_text=len(vocabulary) - 1)
+    return lm_splits(windows, len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
+
+
+def lm_splits(windows: dict[str, np.ndarray], vocabulary_size: int, **fields) -> Splits:
+    """Splits of packed windows (task=causal_lm); the y arrays are placeholders of the same length."""
+    zeros = {split: np.zeros(len(w), np.int32) for split, w in windows.items()}
+    return Splits(windows["train"], zeros["train"], windows["validation"], zeros["validation"],
+                  windows["test"], zeros["test"], class_names=[], vocabulary_size=vocabulary_size,
+                  task="causal_lm", **fields)

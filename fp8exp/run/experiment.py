@@ -16,13 +16,12 @@ from omegaconf import DictConfig
 from fp8exp import data
 from fp8exp.config import ConfigError
 from fp8exp.config.schema import model_name
-from fp8exp.models import classifier
 from fp8exp.precision import policy
 from fp8exp.precision.gemm import inspect_train_step
 from fp8exp.precision.health import check_health, layer_table
 from fp8exp.precision.probe import Probe
 from fp8exp.precision.scales import state_size
-from fp8exp.run import checkpoint, distribution, stopping, train
+from fp8exp.run import checkpoint, distribution, stopping, tasks, train
 from fp8exp.run.launch import LaunchContext, git_state, run_name, source_tags
 from fp8exp.run.resume import config_hash, find_resume
 from fp8exp.serve.save import log_model
@@ -71,10 +70,7 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     Raises ConfigError for settings only checkable at run time (an unreachable tracking server,
     a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
-    if cfg.model.family != "classifier":
-        raise ConfigError("model.family", f"{cfg.model.family}: the keras-hub families are built and checked "
-                          "(fp8exp/models/families.py) but the runner trains only the reference classifier so far; "
-                          "use model=tiny, small, base or large")
+    tasks.check_runnable(cfg)
     context = context or LaunchContext()
     online = check_reachable(cfg)
     resume = None
@@ -93,23 +89,24 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
 
 
 def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) -> Outcome:
-    splits = data.load(cfg.data)
+    task = tasks.task_name(cfg)
+    splits = data.load(cfg.data, task)
     name = run_name(cfg, context.swept)
     strategy = keras.distribution.distribution()  # set by run_experiment from cfg.distribution
     distribution.check_batch(strategy, cfg.trainer.batch_size)
     splits = splits.divisible_by(distribution.batch_ways(strategy))
 
-    net = policy.build(cfg.precision, lambda: classifier.build_classifier(
-        cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
-    train.compile_model(net, policy.optimizer(cfg.precision, cfg.trainer.learning_rate),
-                        classifier.loss_for(splits.num_classes), cfg.trainer)
+    net = policy.build(cfg.precision, lambda: tasks.build_model(cfg, splits))
+    train.compile_model(net, policy.optimizer(cfg.precision, cfg.trainer.learning_rate), trainer=cfg.trainer,
+                        **tasks.compile_options(cfg, splits))
+    to_inputs = tasks.batch_inputs(cfg)  # split rows -> (model inputs, labels); None for classify
     steps = train.steps_per_epoch(len(splits.y_train), cfg.trainer)
     start_step = resume.state.step if resume else 0
     if resume and resume.state.meta["steps_per_epoch"] != steps:
         raise ConfigError("trainer.resume", f"the checkpoint has {resume.state.meta['steps_per_epoch']} steps "
                           f"per epoch, this data and config {steps}: the training data changed")
     run_hash = config_hash(cfg)
-    tags = {**environment_tags(cfg, context), "fp8exp.config_hash": run_hash}
+    tags = {**environment_tags(cfg, context), "task": task, "fp8exp.config_hash": run_hash}
 
     # Checkpoints bound for a tracking server are staged here until uploaded (even if that waits
     # for the offline copy, written when the run closes).
@@ -144,12 +141,15 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                 callbacks = []
             else:
                 callbacks = [checkpoint.Restore(resume.state)] if resume else []
-            callbacks += [EpochLogger(run), Heartbeat(run)]
+            callbacks += [*tasks.callbacks(cfg), EpochLogger(run), Heartbeat(run)]
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
-                probe = Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch]) \
-                    if cfg.tracking.fp8_probe else None
+                probe = None
+                if cfg.tracking.fp8_probe and to_inputs is None:
+                    probe = Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch])
+                elif cfg.tracking.fp8_probe:  # its loss is a classifier's: measure inputs and kernels only
+                    probe = Probe(net, to_inputs(splits.x_val[probe_batch], splits.y_val[probe_batch])[0])
 
                 def fp8_sink(metrics, step):
                     # Each scale is logged at the step that quantizes with it (one after the step
@@ -169,11 +169,12 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
 
             with stop.deferred():  # until training ends: the Checkpointer acts on signals at step boundaries
                 result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks,
-                                                **({"start_step": start_step} if start_step else {}))
+                                                **({"start_step": start_step} if start_step else {}),
+                                                **({"to_inputs": to_inputs} if to_inputs else {}))
         except stopping.Interrupted as interrupted:
             interrupted.run_id = run.run_id
             raise
-        final = {f"test/{key}": value for key, value in result.test.items()}
+        final = tasks.final_metrics(cfg, result.test)
         disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps]
         final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
                                         disturbed_steps=disturbed))
@@ -183,9 +184,11 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             applied = int(keras.ops.convert_to_numpy(net.optimizer.inner_optimizer.iterations))
             final["train/skipped_steps"] = float(result.steps - applied)
         if cfg.precision.name == "float8":
-            final.update(report_fp8(run, net, splits, cfg, fp8_logger))
+            final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs))
         run.log_metrics(final, step=result.steps)
-        if cfg.tracking.get("save_model", True) and run.run_id:
+        if cfg.tracking.get("save_model", True) and run.run_id and task == "causal_lm":
+            log.info("Not saving the language model: generation from a saved LM is a later slice")
+        elif cfg.tracking.get("save_model", True) and run.run_id:
             log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
@@ -193,10 +196,10 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
     return outcome
 
 
-def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
+def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None) -> dict[str, float]:
     """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
     (scales, histories, probe), and which layers it covers. Returns metrics to log."""
-    metrics = report_fp8_gemm(run, net, splits, cfg) if cfg.tracking.fp8_gemm_check else {}
+    metrics = report_fp8_gemm(run, net, splits, cfg, to_inputs) if cfg.tracking.fp8_gemm_check else {}
     if logger is not None and logger.probe is not None:
         if not logger.probe.captures:  # resumed at its last step, which was a log point: measure now
             started = time.perf_counter()
@@ -211,11 +214,12 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger) -> dict[str, float]:
     return metrics
 
 
-def report_fp8_gemm(run, net, splits, cfg: DictConfig) -> dict[str, float]:
+def report_fp8_gemm(run, net, splits, cfg: DictConfig, to_inputs=None) -> dict[str, float]:
     """Tag fp8.gemm, log the compiled step's HLO, and say so when FP8 is only emulated."""
     started = time.perf_counter()
     batch = slice(0, cfg.trainer.batch_size)
-    gemm = inspect_train_step(net, splits.x_train[batch], splits.y_train[batch])
+    convert = to_inputs or (lambda x, y: (x, y))
+    gemm = inspect_train_step(net, *convert(splits.x_train[batch], splits.y_train[batch]))
     run.set_tags({"fp8.gemm": gemm.verdict})
     run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
     if gemm.verdict != "fused":
@@ -229,8 +233,7 @@ def print_summary(cfg: DictConfig, outcome: Outcome) -> None:
     metrics = outcome.metrics
     step = metrics.get("perf/step_time_ms")
     step_text = f"{step:.2f} ms/step (median)" if step is not None else "too few steps to time"
-    print(f"\nfp8exp {outcome.run_name}: test accuracy {metrics['test/accuracy']:.4f}, "
-          f"test loss {metrics['test/loss']:.4f}, {step_text}")
+    print(f"\nfp8exp {outcome.run_name}: {tasks.headline(metrics)}, {step_text}")
     if outcome.run_id:
         print(f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}'. "
               f"Browse: {ui_command(cfg)}")

@@ -55,13 +55,20 @@ class JobRecord:
     run_id: str | None = None
     error: str | None = None
     test_accuracy: float | None = None
+    test_perplexity: float | None = None
+    """task=causal_lm jobs: their result (they have no accuracy worth a sweep line)."""
 
     def save(self, output_dir: str, **changes: Any) -> None:
         self.__dict__.update(changes)
         Path(output_dir, JOB_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     def line(self) -> str:
-        result = f"test accuracy {self.test_accuracy:.4f}" if self.status == "FINISHED" else self.error or ""
+        if self.status != "FINISHED":
+            result = self.error or ""
+        elif self.test_perplexity is not None:
+            result = f"test perplexity {self.test_perplexity:.2f}"
+        else:
+            result = f"test accuracy {self.test_accuracy:.4f}"
         where = f"   log: {self.log}" if self.status != "FINISHED" and self.log else ""
         return f"  #{self.num:<3} {self.status:<9} {self.name:<28} {result}{where}"
 
@@ -95,6 +102,10 @@ def run_job(cfg: DictConfig, context) -> float | None:
         log.exception("job #%s (%s) failed", record.num, record.name)
         record.save(output_dir, status="FAILED", error=f"{type(error).__name__}: {error}".splitlines()[0])
         return None
+    if "test/perplexity" in outcome.metrics:  # task=causal_lm: the job's value is its test loss
+        record.save(output_dir, status="FINISHED", run_id=outcome.run_id,
+                    test_perplexity=outcome.metrics["test/perplexity"])
+        return outcome.metrics["test/loss"]
     accuracy = outcome.metrics["test/accuracy"]
     record.save(output_dir, status="FINISHED", run_id=outcome.run_id, test_accuracy=accuracy)
     return accuracy

@@ -104,9 +104,11 @@ class TrainResult:
         return self.timer.step
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str,
-                  trainer: DictConfig) -> None:
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss,
+                  trainer: DictConfig, metrics=("accuracy",), weighted_metrics=None) -> None:
+    """`weighted_metrics`: passed on when given (a keras-hub CausalLM otherwise adds its own)."""
+    extra = {} if weighted_metrics is None else {"weighted_metrics": list(weighted_metrics)}
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics), **extra,
                   steps_per_execution=trainer.steps_per_execution)
 
 
@@ -148,10 +150,13 @@ class OneTraining(keras.callbacks.CallbackList):
 
 
 def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
-                     callbacks: list[keras.callbacks.Callback], start_step: int = 0) -> TrainResult:
+                     callbacks: list[keras.callbacks.Callback], start_step: int = 0,
+                     to_inputs=None) -> TrainResult:
     """Train from optimizer step `start_step` (0, or a checkpoint's) to the end, then evaluate.
     Each epoch is one `fit` call on that epoch's examples in `epoch_order`, skipping the batches
-    a resumed epoch already trained on; Keras' own shuffling is off."""
+    a resumed epoch already trained on; Keras' own shuffling is off. `to_inputs(x, y)` turns split
+    rows into (model inputs, labels) (tasks.batch_inputs: causal_lm windows); None = as they are."""
+    convert = to_inputs or (lambda x, y: (x, y))
     timer = StepTimer()
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar for people, a line per epoch for logs
     steps = steps_per_epoch(len(splits.y_train), trainer)
@@ -173,8 +178,8 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
         callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size),
                                   "partial_last": len(order) % trainer.batch_size != 0})
         model.fit(
-            splits.x_train[order], splits.y_train[order],
-            validation_data=(splits.x_val, splits.y_val),
+            *convert(splits.x_train[order], splits.y_train[order]),
+            validation_data=convert(splits.x_val, splits.y_val),
             batch_size=trainer.batch_size,
             initial_epoch=epoch,
             epochs=epoch + 1,
@@ -184,7 +189,7 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
             verbose=verbose,
         )
     callback_list.finish()
-    test = model.evaluate(splits.x_test, splits.y_test, batch_size=trainer.batch_size,
+    test = model.evaluate(*convert(splits.x_test, splits.y_test), batch_size=trainer.batch_size,
                           steps=trainer.eval_steps, return_dict=True, verbose=0)
     return TrainResult(
         test={key: float(value) for key, value in test.items()},
