@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float:
 
         context = LaunchContext.from_hydra()
         if context.sweep:  # a failed job is recorded, and the sweep goes on
-            from fp8exp.run.sweep import run_job
+            from fp8exp.run.jobs import run_job
 
             in_sweep = True
             return run_job(cfg, context)

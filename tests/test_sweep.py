@@ -255,7 +255,7 @@ def test_readme_sweeps_expand_to_valid_jobs(command):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from fp8exp.run.sweep import job_overrides, validated_jobs
+    from fp8exp.run.jobs import job_overrides, validated_jobs
 
     args = [arg for arg in command.split()[3:] if arg != "-m"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -294,7 +294,7 @@ def launcher(tmp_path, monkeypatch):
 
 
 def job_records(callback, *statuses: str) -> None:
-    from fp8exp.run.sweep import JobRecord
+    from fp8exp.run.jobs import JobRecord
 
     for num, status in enumerate(statuses):
         output_dir = Path(callback.sweep.dir, str(num))
