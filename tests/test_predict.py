@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fp8exp.config import PRECISIONS, validate
-from fp8exp.serve import predict
+from fp8exp.serve import locate, logged, predict
 from fp8exp.serve import pyfunc as serving
 from fp8exp.serve import save as serving_save
 from tests.conftest import ROOT, compose_config
@@ -62,11 +62,11 @@ def uri(store: Path) -> str:
 
 def model_dir(store: Path, run_id: str) -> Path:
     """The run's saved model directory in the local store (its LoggedModel's, or its artifact model/)."""
-    return predict.locate(run_id, uri(store), store).directory
+    return locate.locate(run_id, uri(store), store).directory
 
 
 def model_id(store: Path, run_id: str) -> str:
-    return predict.locate(run_id, uri(store), store).model_id
+    return locate.locate(run_id, uri(store), store).model_id
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_each_run_s_model_is_a_logged_model_with_its_test_metrics(store, runs):
     models = {m.source_run_id: m for m in client.search_logged_models(experiment_ids=[experiment])}
     for precision, run_id in runs.items():
         model, run = models[run_id], client.get_run(run_id)
-        assert model.name == "model" and str(model.status) == "READY" and model.model_type == serving_save.MODEL_TYPE
+        assert model.name == "model" and str(model.status) == "READY" and model.model_type == logged.MODEL_TYPE
         assert model.model_id == model_id(store, run_id)
         assert [output.model_id for output in run.outputs.model_outputs] == [model.model_id]
         assert model.tags["precision"] == precision and model.params["precision.name"] == precision
@@ -188,7 +188,7 @@ def test_register_model_adds_a_version_tagged_with_the_precision(tmp_path, tiny_
     assert [line.split("\t")[0] for line in predicted(local, f"model_id={ids[1]}")] == labels[0]
     # Registering again (a retry after an outage) finds its version instead of adding one.
     model = client.get_logged_model(ids[1])
-    again = serving_save.register_version(client, "fp8exp-tiny", model.artifact_location, model.source_run_id,
+    again = logged.register_version(client, "fp8exp-tiny", model.artifact_location, model.source_run_id,
                                           "float32", ids[1])
     assert str(again.version) == "2" and len(client.search_model_versions("name = 'fp8exp-tiny'")) == 2
 
@@ -207,8 +207,8 @@ def test_predict_takes_a_run_or_its_model_id_and_old_style_runs_still_work(tmp_p
     old.close("FINISHED", 0, cfg)
     assert {a.path for a in client.list_artifacts(old.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
 
-    assert predict.locate(new.run_id, local, tmp_path).model_id == new_model
-    assert predict.locate(old.run_id, local, tmp_path).model_id is None
+    assert locate.locate(new.run_id, local, tmp_path).model_id == new_model
+    assert locate.locate(old.run_id, local, tmp_path).model_id is None
     answers = [predicted(local, key) for key in (f"run_id={new.run_id}", f"model_id={new_model}", f"run_id={old.run_id}")]
     assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 2
     for args, message in ((["model_id=m-0123"], "no model 'm-0123' in the store at sqlite:///"),
@@ -229,7 +229,7 @@ def test_an_offline_run_keeps_its_model_as_a_plain_artifact(tmp_path, tiny_net, 
     assert "the model is saved as the run's plain artifact model/, not as a LoggedModel (the run is in the " \
            "offline store" in caplog.text and "not registered as 'fp8exp-tiny' either" in caplog.text
     assert not client.search_logged_models(experiment_ids=[client.get_experiment_by_name("models").experiment_id])
-    assert predict.locate(run.run_id, offline, tmp_path).model_id is None
+    assert locate.locate(run.run_id, offline, tmp_path).model_id is None
     assert len(predicted(offline, f"run_id={run.run_id}")) == 2
 
 
@@ -276,21 +276,21 @@ def test_a_server_away_never_costs_the_model(tmp_path, tiny_net, remote, monkeyp
         # Gone right after the LoggedModel was created: its files still reach the offline copy.
         remote.start()
         gone = start_run(client, remote.url)
-        create = serving_save.create_logged_model
+        create = logged.create_logged_model
 
         def create_then_stop(*args):
             made = create(*args)
             remote.stop()
             return made
 
-        monkeypatch.setattr(serving_save, "create_logged_model", create_then_stop)
+        monkeypatch.setattr(logged, "create_logged_model", create_then_stop)
         pending = serving_save.log_model(gone, tiny_net, SPLITS, cfg, tmp_path / "staging-gone")
         gone.close("FINISHED", 0, cfg)
         assert "stayed unreachable" in gone.delivery_note
         remote.start()
         assert str(client.get_logged_model(pending).status) == "PENDING"  # never finalized: not used
         assert tracking_offline.sync(offline, remote.url, out=io.StringIO()) == 0
-        assert predict.locate(gone.run_id, remote.url, tmp_path / "located").model_id is None
+        assert locate.locate(gone.run_id, remote.url, tmp_path / "located").model_id is None
         assert predicted(remote.url, f"run_id={gone.run_id}") == labels
 
 

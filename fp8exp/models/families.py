@@ -52,46 +52,16 @@ def build_backbone(model: DictConfig, vocabulary_size: int) -> keras_hub.models.
                               f"{backbone.vocabulary_size} of the preset {model.preset}; use at most "
                               f"{backbone.vocabulary_size}")
         return backbone
-    if family == "gpt2":
-        return keras_hub.models.GPT2Backbone(
-            vocabulary_size=vocabulary_size,
-            num_layers=model.num_layers,
-            num_heads=model.num_heads,
-            hidden_dim=model.hidden_dim,
-            intermediate_dim=model.intermediate_dim,
-            dropout=model.dropout,
-            max_sequence_length=model.max_sequence_length,
-        )
+    # What every family takes alike; then what tells them apart (query/key-value heads, head width,
+    # a learned position table), mapped to each class's own argument names.
+    shared = {"vocabulary_size": vocabulary_size, "num_layers": model.num_layers, "hidden_dim": model.hidden_dim,
+              "intermediate_dim": model.intermediate_dim, "dropout": model.dropout}
+    if family in ("gpt2", "bert"):
+        return BACKBONES[family](**shared, num_heads=model.num_heads, max_sequence_length=model.max_sequence_length)
+    heads = {"num_query_heads": model.num_heads, "num_key_value_heads": model.num_key_value_heads or model.num_heads}
     if family == "llama":
-        return keras_hub.models.LlamaBackbone(
-            vocabulary_size=vocabulary_size,
-            num_layers=model.num_layers,
-            num_query_heads=model.num_heads,
-            num_key_value_heads=model.num_key_value_heads or model.num_heads,
-            hidden_dim=model.hidden_dim,
-            intermediate_dim=model.intermediate_dim,
-            dropout=model.dropout,
-        )
-    if family == "gemma":
-        return keras_hub.models.GemmaBackbone(
-            vocabulary_size=vocabulary_size,
-            num_layers=model.num_layers,
-            num_query_heads=model.num_heads,
-            num_key_value_heads=model.num_key_value_heads or model.num_heads,
-            hidden_dim=model.hidden_dim,
-            intermediate_dim=model.intermediate_dim,
-            head_dim=model.head_dim or model.hidden_dim // model.num_heads,
-            dropout=model.dropout,
-        )
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=model.num_layers,
-        num_heads=model.num_heads,
-        hidden_dim=model.hidden_dim,
-        intermediate_dim=model.intermediate_dim,
-        dropout=model.dropout,
-        max_sequence_length=model.max_sequence_length,
-    )
+        return BACKBONES[family](**shared, **heads)
+    return BACKBONES[family](**shared, **heads, head_dim=model.head_dim or model.hidden_dim // model.num_heads)
 
 
 def build_causal_lm(model: DictConfig, vocabulary_size: int) -> keras_hub.models.CausalLM:

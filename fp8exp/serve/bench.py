@@ -35,7 +35,6 @@ Settings (key=value):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -45,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from fp8exp.report.inference import AS_TRAINED, PTQ_VARIANTS, markdown
-from fp8exp.serve.predict import UsageError, parse_settings, store_uri
 from fp8exp.serve.ptq import variant
+from fp8exp.serve.settings import UsageError, number, parse_settings, store_uri
 
 PROG = "fp8exp.infer_bench"
 KEYS = ("run_id", "model_id", "parent", "tracking.uri", "out", "batch_sizes", "seconds", "calibration_examples",
@@ -67,14 +66,6 @@ class Settings:
     model_ids: list[str] = dataclasses.field(default_factory=list)
 
 
-def _number(key: str, text: str, kind=int, minimum=1):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise UsageError(f"{key}: got {text!r}, expected a number") from None
-    if not value >= minimum or (kind is float and not math.isfinite(value)):
-        raise UsageError(f"{key}: got {text}, expected at least {minimum}")
-    return value
 
 
 def parse_args(argv: list[str]) -> Settings:
@@ -87,14 +78,14 @@ def parse_args(argv: list[str]) -> Settings:
     for key in ("run_id", "model_id"):
         if key in settings and not (run_ids if key == "run_id" else model_ids):
             raise UsageError(f"{key} is empty")
-    sizes = [_number("batch_sizes", part) for part in single.get("batch_sizes", "1,32,256").split(",") if part.strip()]
+    sizes = [number("batch_sizes", part) for part in single.get("batch_sizes", "1,32,256").split(",") if part.strip()]
     if not sizes:
         raise UsageError("batch_sizes: give at least one, e.g. batch_sizes=1,32,256")
     return Settings(run_ids, single.get("parent") or None, single.get("tracking.uri") or None,
                     Path(single["out"]) if single.get("out") else None, sizes,
-                    _number("seconds", single.get("seconds", "1.0"), float, 0.0),
-                    _number("calibration_examples", single.get("calibration_examples", "256")),
-                    _number("max_test", single["max_test"]) if "max_test" in single else None, model_ids)
+                    number("seconds", single.get("seconds", "1.0"), float, 0.0),
+                    number("calibration_examples", single.get("calibration_examples", "256")),
+                    number("max_test", single["max_test"]) if "max_test" in single else None, model_ids)
 
 
 # ---------------------------------------------------------------- measuring
@@ -123,14 +114,6 @@ def accuracy(classifier, x: np.ndarray, y: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- runs
-
-
-@dataclass
-class Target:
-    run_id: str
-    name: str
-    precision: str
-    directory: Path
 
 
 def resolve_runs(client, settings: Settings):
@@ -196,11 +179,11 @@ def bench_run(client, run, settings: Settings, scratch: Path, model_id: str | No
     the LoggedModel when the model is one; returns the metrics."""
     import jax
 
-    from fp8exp.serve import predict
+    from fp8exp.serve import locate
 
-    located = predict.locate(None if model_id else run.info.run_id, settings.tracking_uri, scratch, model_id)
+    located = locate.locate(None if model_id else run.info.run_id, settings.tracking_uri, scratch, model_id)
     directory, name = located.directory, located.name
-    predict.check_files(directory, name)
+    locate.check_files(directory, name)
     precision = run.data.params.get("precision.name", "?")
     print(f"{PROG}: {run.info.run_name} ({precision}) ...", file=sys.stderr, flush=True)
     as_trained = variant(directory, AS_TRAINED)

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from fp8exp.serve import pyfunc
+from fp8exp.serve import logged, pyfunc
 from fp8exp.serve.pyfunc import (
     ARTIFACT_PATH,
     FORMAT,
@@ -21,10 +21,7 @@ from fp8exp.tracking.offline import MODEL_ID_TAG
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = ARTIFACT_PATH
 """The LoggedModel's name: `runs:/<run_id>/model` resolves to the run's LoggedModel of that name."""
-MODEL_TYPE = "fp8exp-text-classifier"
-MODEL_METRICS = ("test/", "perf/step_time_ms", "perf/examples_per_s", "perf/tokens_per_s")
 """The run's final metrics (prefixes) that the LoggedModel gets too (the Models tab's columns)."""
 
 
@@ -86,16 +83,6 @@ def signature():
     return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
 
 
-def model_tags(meta: dict) -> dict[str, str]:
-    """A LoggedModel's tags: its precision and what fp8exp_model.json says, to compare at a glance."""
-    return {"precision": meta["precision"], "fp8exp.input": meta["input"],
-            "fp8exp.class_names": ", ".join(meta["class_names"]),
-            "fp8exp.sequence_length": str(meta["sequence_length"]),
-            "fp8exp.quantized_layers": str(len(meta["quantized_layers"])),
-            "fp8exp.model_format": str(meta["format"]), "fp8exp.version": meta["fp8exp_version"],
-            "fp8exp.keras_version": meta["keras_version"]}
-
-
 def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None, mlflow_model=None) -> Path:
     """Write the MLflow model directory `directory` (must not exist); returns it. `mlflow_model`: an
     `mlflow.models.Model` carrying a LoggedModel's ids into MLmodel."""
@@ -135,7 +122,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
     """`tracking.save_model`: the trained model as the run's MLflow LoggedModel `model` (the
     experiment's Models tab, the runs table's Models column, `models:/<model_id>`,
     `runs:/<run_id>/model`), tagged with its precision and metadata, with the run's test metrics
-    (MODEL_METRICS), and registered as a version of `tracking.register_model` if set. Returns its id.
+    (logged.MODEL_METRICS), and registered as a version of `tracking.register_model` if set. Returns its id.
 
     A local artifact store gets the files written in place; for a tracking server they are written
     into `staging` (which must outlive the run) and every call after the LoggedModel's creation goes
@@ -155,7 +142,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
                     fp8exp_version=__version__, run_id=run.run_id)
     register = cfg.tracking.get("register_model") or None
     run.flush()  # the final metrics first: the LoggedModel's are the same values
-    model, why = create_logged_model(run, cfg, meta)
+    model, why = logged.create_logged_model(run, cfg, meta)
     if model is None:
         log_artifact_model(run, net, splits, meta, staging)
         note = ""
@@ -164,7 +151,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
                     f"mlflow.register_model('runs:/<run id on the server>/{ARTIFACT_PATH}', {register!r})")
         elif register:
             note = f"; it is registered as {register!r} once the store takes the run's queued calls"
-            _queue(run, f"register:{ARTIFACT_PATH}", lambda: register_version(
+            _queue(run, f"register:{ARTIFACT_PATH}", lambda: logged.register_version(
                 run.client, register, f"{run.artifact_uri}/{ARTIFACT_PATH}", run.run_id, meta["precision"]))
         log.warning("Run %s: the model is saved as the run's plain artifact %s/, not as a LoggedModel (%s); "
                     "fp8exp.predict run_id=%s, fp8exp.infer_bench and runs:/%s/%s use it, the Models tab does not "
@@ -215,7 +202,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
 
     if local is None:
         _queue(run, f"model:{model_id}:files", upload)
-    metrics, step = model_metrics(run.journal.metrics, model_id)
+    metrics, step = logged.model_metrics(run.journal.metrics, model_id)
     _queue(run, f"model:{model_id}:output", lambda: client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step)]))
     if metrics:
         _queue(run, f"model:{model_id}:metrics", lambda: client.log_batch(run.run_id, metrics=metrics))
@@ -223,77 +210,14 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
     if register:
         def register_uploaded():  # a rejected upload left the files in the run's model/, not in the LoggedModel
             if uploaded[0]:
-                register_version(client, register, model.artifact_location, run.run_id, meta["precision"], model_id)
+                logged.register_version(client, register, model.artifact_location, run.run_id, meta["precision"], model_id)
             else:
-                register_version(client, register, f"{run.artifact_uri}/{ARTIFACT_PATH}", run.run_id,
+                logged.register_version(client, register, f"{run.artifact_uri}/{ARTIFACT_PATH}", run.run_id,
                                  meta["precision"])
 
         _queue(run, f"model:{model_id}:register", register_uploaded)
     log.info("Run %s: model saved as LoggedModel %s (models:/%s)", run.run_id, model_id, model_id)
     return model_id
-
-
-def create_logged_model(run, cfg, meta: dict):
-    """(the run's new LoggedModel, "") or (None, why there is none): created at once, outside the
-    queue, as everything after it needs its id; a store away or refusing it is no error."""
-    from fp8exp.config import offline_uri
-
-    if run.uri == offline_uri(cfg):
-        return None, "the run is in the offline store, and tracking_sync delivers a run's artifacts"
-    if run.in_outage:
-        return None, f"the tracking store {run.uri} is unreachable"
-    try:
-        created = run.client.get_run(run.run_id)
-        params = run.journal.params or created.data.params  # a resumed run logged none in this process
-        model = run.client.create_logged_model(
-            created.info.experiment_id, name=MODEL_NAME, source_run_id=run.run_id, tags=model_tags(meta),
-            params=dict(params), model_type=MODEL_TYPE)
-    except Exception as error:  # noqa: BLE001  (a model is not worth failing a trained run)
-        first = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        return None, f"the tracking store {run.uri} could not create it: {first}"
-    return model, ""
-
-
-def model_metrics(journal_metrics, model_id: str):
-    """(the latest value of each MODEL_METRICS key, with model_id, the step of the test metrics):
-    the same timestamps and steps as logged on the run, so the run's history gains no points."""
-    from mlflow.entities import Metric
-
-    latest = {}
-    for metric in list(journal_metrics):  # (the system-metrics thread appends meanwhile)
-        if metric.key.startswith(MODEL_METRICS):
-            latest[metric.key] = metric
-    step = max((m.step for key, m in latest.items() if key.startswith("test/")), default=0)
-    return [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest.values()], step
-
-
-def register_version(client, name: str, source: str, run_id: str, precision: str, model_id: str | None = None):
-    """A version of registered model `name` (created if new) for `source`, tagged with the precision,
-    and named in the LoggedModel's tag `mlflow.modelVersions` (where the UI looks), as
-    `mlflow.register_model` does. Sent again after an outage, it finds its version instead of adding
-    one. The source is the model's storage location, not `models:/<model_id>`: a SQLite registry
-    resolves that through the process's global tracking URI, not this client's (MLflow 3.17)."""
-    import json
-
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    escaped = name.replace("'", "\\'")
-    version = next((v for v in client.search_model_versions(f"name = '{escaped}' AND run_id = '{run_id}'")
-                    if v.source == source), None)
-    if version is None:
-        version = client.create_model_version(name, source, run_id=run_id, tags={"precision": precision},
-                                              model_id=model_id, await_creation_for=0)
-    if model_id:
-        listed = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
-        entry = {"name": version.name, "version": str(version.version)}
-        if entry not in listed:
-            client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, entry])})
-    return version
 
 
 def log_artifact_model(run, net, splits, meta: dict, staging: Path) -> None:
