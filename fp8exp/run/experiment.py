@@ -112,7 +112,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
     # for the offline copy, written when the run closes).
     with tempfile.TemporaryDirectory(prefix="fp8exp-checkpoint-") as staging_dir, \
             open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
-                              checkpoint_root=context.output_dir, shield=stop.deferred) as run:
+                     checkpoint_root=context.output_dir, shield=stop.deferred) as run:
         staging = Path(staging_dir)
         try:
             if resume is None:
