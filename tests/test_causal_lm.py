@@ -90,9 +90,17 @@ def test_a_language_model_trains_on_the_shared_corpus_text(store, tmp_path_facto
                          "trainer.batch_size=32", "data=table", f"data.path={CLOTHING}", "data.text_column=text", f"data.cache_dir={cache}",
                          "data.sequence_length=32", "data.vocabulary_size=2000", "task=causal_lm", "model=llama_tiny",
                          f"precision={precision}", "trainer.epochs=1", "trainer.steps_per_epoch=20",
-                         "trainer.eval_steps=10", "tracking.experiment=causal_lm_corpus")
+                         "trainer.eval_steps=10", "tracking.experiment=causal_lm_corpus",
+                         "tracking.log_every_steps=5", "trainer.eval_every_steps=10")
     validate(cfg)
     outcome = run_experiment(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    steps = {key: {m.step: m.value for m in client.get_metric_history(outcome.run_id, key)}
+             for key in ("train/loss_step", "val/loss_step", "val/perplexity_step", "val/loss")}
+    assert sorted(steps["train/loss_step"]) == [5, 10, 15, 20]  # at optimizer steps
+    assert sorted(steps["val/loss_step"]) == sorted(steps["val/perplexity_step"]) == [10, 20]
+    assert steps["val/perplexity_step"][10] == pytest.approx(np.exp(steps["val/loss_step"][10]), rel=1e-5)
+    assert steps["val/loss_step"][20] == pytest.approx(steps["val/loss"][1], rel=1e-5)  # the epoch's end
     assert np.isfinite(outcome.metrics["test/perplexity"])
     assert outcome.metrics["test/perplexity"] < 2000  # below a uniform guess over the vocabulary
     assert "test perplexity" in capsys.readouterr().out

@@ -4,26 +4,29 @@ compiled step (not the compiler): with steps_per_execution > 1 and with a partia
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 
 from fp8exp import data
 from fp8exp.models import classifier
 from fp8exp.precision import policy
 from fp8exp.run import train
+from fp8exp.tracking.callbacks import StepLogger
 from tests.conftest import compose_config
 
 TINY = ["data=synthetic", "data.sequence_length=16", "data.num_validation=32", "data.num_test=32",
         "data.vocabulary_size=200", "trainer.epochs=2", "trainer.batch_size=32", "precision=float32", "tracking=none"]
 
 
-def trained(*overrides: str):
+def trained(*overrides: str, callbacks=lambda net, splits, cfg: []):
     cfg = compose_config(*TINY, *overrides)
+    keras.utils.set_random_seed(cfg.trainer.seed)
     splits = data.load(cfg.data)
     net = policy.build(cfg.precision, lambda: classifier.build_classifier(
         cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes))
     train.compile_model(net, policy.optimizer(cfg.precision, cfg.trainer.learning_rate),
                         classifier.loss_for(splits.num_classes), cfg.trainer)
-    return net, train.fit_and_evaluate(net, splits, cfg.trainer, [])
+    return net, train.fit_and_evaluate(net, splits, cfg.trainer, callbacks(net, splits, cfg))
 
 
 @pytest.mark.slow
@@ -48,3 +51,35 @@ def test_a_partial_last_batch_recompiles_and_is_not_timed_as_a_step():
     metrics = train.perf_metrics(result, 32, 16)
     assert metrics["perf/timed_steps"] == 6
     assert metrics["perf/compile_s"] == pytest.approx(result.timer.calls[0].seconds + result.timer.calls[4].seconds)
+
+
+class Recorder:
+    """Where StepLogger sends its metrics: {key: {step: value}}."""
+
+    def __init__(self):
+        self.series: dict[str, dict[int, float]] = {}
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.series.setdefault(key, {})[step] = value
+
+
+@pytest.mark.slow
+def test_step_curves_match_the_epoch_metrics_and_leave_training_unchanged():
+    # 6 batches an epoch: train/loss_step every 2 steps (3 windows an epoch), validation every 3.
+    recorder = Recorder()
+    plain, _ = trained("data.num_train=192", "model.dropout=0.0")
+    net, result = trained("data.num_train=192", "model.dropout=0.0", callbacks=lambda net, splits, cfg: [
+        StepLogger(recorder, train_every=2, val_every=3, validate=lambda model: train.validate(model, splits, cfg.trainer))])
+    for ours, theirs in zip(net.weights, plain.weights):  # evaluating between steps changes nothing
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+    history = net.history.history
+    windows = recorder.series["train/loss_step"]
+    assert sorted(windows) == [2, 4, 6, 8, 10, 12]
+    for epoch, steps in enumerate(([2, 4, 6], [8, 10, 12])):
+        assert np.mean([windows[s] for s in steps]) == pytest.approx(history["loss"][epoch], rel=1e-5)
+    assert sorted(recorder.series["val/loss_step"]) == [3, 6, 9, 12]
+    # At an epoch's last step, the interval validation sees what the epoch's validation sees.
+    assert recorder.series["val/loss_step"][6] == pytest.approx(history["val_loss"][0], rel=1e-6)
+    assert recorder.series["val/loss_step"][12] == pytest.approx(history["val_loss"][1], rel=1e-6)
+    assert result.steps == 12

@@ -91,7 +91,8 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg)
 
     _positive(cfg, "trainer.epochs", "trainer.batch_size", "trainer.learning_rate", "trainer.steps_per_execution")
-    _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.checkpoint_every", optional=True)
+    _positive(cfg, "trainer.steps_per_epoch", "trainer.eval_steps", "trainer.eval_every_steps",
+              "trainer.checkpoint_every", optional=True)
     if cfg.trainer.stale_after_s < 180:
         raise ConfigError("trainer.stale_after_s", f"got {cfg.trainer.stale_after_s}, expected at least 180 seconds "
                           "(three missed heartbeats): a live run must not look gone")
@@ -115,6 +116,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tracking.name not in TRACKERS:
         raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")
     _positive(cfg, "tracking.fp8_log_every")
+    _positive(cfg, "tracking.log_every_steps", optional=True)
     if not 0.0 <= cfg.tracking.fp8_warn_fraction <= 1.0:
         raise ConfigError("tracking.fp8_warn_fraction", f"got {cfg.tracking.fp8_warn_fraction}, expected a value in [0, 1]")
     if not str(cfg.tracking.experiment).strip():

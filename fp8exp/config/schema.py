@@ -185,6 +185,9 @@ class TrainerConfig:
     """null = the whole training split each epoch; a small number makes smoke runs."""
     eval_steps: Optional[int] = None
     """null = the whole validation/test split; caps evaluation batches otherwise."""
+    eval_every_steps: Optional[int] = None
+    """Also validate every N optimizer steps (`val/loss_step` etc., MLflow step = optimizer step),
+    for loss curves finer than one point per epoch; null = per epoch only."""
     steps_per_execution: int = 1
     """Training steps fused into one compiled call (fewer host round trips)."""
     checkpoint_every: Optional[int] = 500
@@ -215,6 +218,9 @@ class TrackingConfig:
     experiment: str = "fp8exp"
     run_name: Optional[str] = None
     """null = derived from precision and model size, e.g. float8-h512."""
+    log_every_steps: Optional[int] = None
+    """Log `train/loss_step` (and the other training metrics) every N optimizer steps: their mean
+    over those N steps, at MLflow step = optimizer step; null = per epoch only."""
     fp8_log_every: int = 100
     """Log FP8 scale/amax state every N optimizer steps (and at the end)."""
     fp8_probe: bool = True

@@ -3,6 +3,7 @@ train; tracking watches through callbacks and a run context."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -25,7 +26,7 @@ from fp8exp.run import checkpoint, distribution, stopping, tasks, train
 from fp8exp.run.launch import LaunchContext, git_state, run_name, source_tags
 from fp8exp.run.resume import config_hash, find_resume
 from fp8exp.serve.save import log_model
-from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger, Heartbeat, process_tags
+from fp8exp.tracking.callbacks import EpochLogger, Fp8StateLogger, Heartbeat, StepLogger, process_tags
 from fp8exp.tracking.context import open_run
 from fp8exp.tracking.datasets import dataset_inputs
 from fp8exp.tracking.store import check_reachable, ui_command
@@ -142,6 +143,10 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             else:
                 callbacks = [checkpoint.Restore(resume.state)] if resume else []
             callbacks += [*tasks.callbacks(cfg), EpochLogger(run), Heartbeat(run)]
+            step_logger = StepLogger(run, cfg.tracking.get("log_every_steps"), cfg.trainer.eval_every_steps,
+                                     validate=lambda model: train.validate(model, splits, cfg.trainer, to_inputs),
+                                     derive=functools.partial(tasks.derived, cfg))
+            callbacks.append(step_logger)
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
@@ -175,7 +180,8 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             interrupted.run_id = run.run_id
             raise
         final = tasks.final_metrics(cfg, result.test)
-        disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps]
+        disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps,
+                     *step_logger.disturbed]
         final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
                                         disturbed_steps=disturbed))
         if isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer):

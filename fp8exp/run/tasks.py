@@ -64,21 +64,32 @@ def batch_inputs(cfg: DictConfig) -> Callable[[np.ndarray, np.ndarray], tuple[ob
     return to_inputs
 
 
+def derived(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus what the task derives from them: a language model's perplexity = exp(loss)
+    (`val_loss` -> `val_perplexity` too)."""
+    if task_name(cfg) != "causal_lm":
+        return dict(metrics)
+    extra = {key.replace("loss", "perplexity"): _perplexity(float(metrics[key]))
+             for key in ("loss", "val_loss") if key in metrics}
+    return {**metrics, **extra}
+
+
 class Perplexity(keras.callbacks.Callback):
-    """causal_lm: adds `perplexity` = exp(loss) and `val_perplexity` to each epoch's logs, so the
-    epoch logger after it records train/perplexity and val/perplexity beside the losses."""
+    """causal_lm: adds `perplexity` and `val_perplexity` to each epoch's logs, so the epoch logger
+    after it records train/perplexity and val/perplexity beside the losses."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        for key in ("loss", "val_loss"):
-            if key in logs:
-                logs[key.replace("loss", "perplexity")] = _perplexity(float(logs[key]))
+        if logs is not None:
+            logs.update(derived(self.cfg, logs))
 
 
 def callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
     """Callbacks the task adds ahead of the loggers."""
-    return [Perplexity()] if task_name(cfg) == "causal_lm" else []
+    return [Perplexity(cfg)] if task_name(cfg) == "causal_lm" else []
 
 
 def final_metrics(cfg: DictConfig, test: dict[str, float]) -> dict[str, float]:

@@ -197,6 +197,20 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
     )
 
 
+def validate(model: keras.Model, splits: Splits, trainer: DictConfig, to_inputs=None) -> dict[str, float]:
+    """The validation metrics now, as an epoch's end computes them (`trainer.eval_steps` caps it).
+    Between training steps (trainer.eval_every_steps), from a callback's `self.model`, which has
+    synced fit's state into the variables: evaluation resets and fills the metric variables that
+    fit reads its state back from, so their training values are put back afterwards."""
+    convert = to_inputs or (lambda x, y: (x, y))
+    running = [keras.ops.convert_to_numpy(variable) for variable in model.metrics_variables]
+    values = model.evaluate(*convert(splits.x_val, splits.y_val), batch_size=trainer.batch_size,
+                            steps=trainer.eval_steps, return_dict=True, verbose=0)
+    for variable, value in zip(model.metrics_variables, running):
+        variable.assign(value)
+    return {key: float(value) for key, value in values.items()}
+
+
 def perf_metrics(result: TrainResult, batch_size: int, sequence_length: int,
                  disturbed_steps=()) -> dict[str, float]:
     """`perf/` metrics: medians are robust to the odd slow step a shared CPU produces.

@@ -96,6 +96,48 @@ class EpochLogger(keras.callbacks.Callback):
         self.run.flush()
 
 
+class StepLogger(StepCallback):
+    """Loss curves finer than an epoch, at MLflow step = optimizer step: every `train_every` steps
+    the training metrics' mean over those steps (`train/loss_step`, ...), and every `val_every`
+    steps what `validate()` returns (`val/loss_step`, ...). Keras' logs hold each metric's running
+    mean since the epoch began; the window's mean is recovered from two of them (every step of an
+    epoch weighted alike), so no model read is needed. `derive(metrics)` adds derived values
+    (a language model's perplexity). `validate(model)` reads the model (a state sync): its steps
+    are listed in `disturbed` for the step timer to skip."""
+
+    def __init__(self, run, train_every: int | None = None, val_every: int | None = None,
+                 validate: Callable[[keras.Model], dict[str, float]] | None = None,
+                 derive: Callable[[dict[str, float]], dict[str, float]] = dict):
+        super().__init__()
+        self.run, self.train_every, self.val_every = run, train_every, val_every
+        self.validate, self.derive = validate, derive
+        self.disturbed: list[int] = []
+        self._mark: tuple[int, dict[str, float]] = (0, {})  # (steps into the epoch, running means)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._mark = (0, {})
+
+    def on_train_batch_end(self, batch, logs=None):
+        previous = self.step
+        super().on_train_batch_end(batch, logs)
+        if self.train_every and self.step // self.train_every > previous // self.train_every:
+            self._log_train(logs or {})
+        if self.val_every and self.validate and self.step // self.val_every > previous // self.val_every:
+            metrics = {f"val/{key}_step": value for key, value in self.derive(self.validate(self.model)).items()}
+            self.run.log_metrics(metrics, step=self.step)
+            self.disturbed.append(self.step)
+
+    def _log_train(self, logs: dict) -> None:
+        into = self.step - self._epoch_start
+        then, means = self._mark
+        window = {key: (float(value) * into - means.get(key, 0.0) * then) / (into - then)
+                  for key, value in logs.items() if isinstance(value, (int, float))}
+        self.run.log_metrics({f"train/{key}_step": value for key, value in self.derive(window).items()},
+                             step=self.step)
+        self._mark = (into, {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))})
+
+
 class Fp8StateLogger(StepCallback):
     """Sends FP8 state to `sink(metrics, step)` every `every` optimizer steps and at the end.
 
