@@ -316,3 +316,56 @@ def test_load_preset_refuses_a_damaged_file_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^model.preset: .* could not be loaded as a GPT2Backbone") as error:
         families.load_preset(str(directory), "gpt2")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_task_classify_runs_on_a_family_with_fp8_state_and_probe(store):
+    """task=classify through the runner on llama_tiny in float8: it learns the synthetic labels, and
+    the probe measures the output gradients too (with the loss the model trains with)."""
+    from mlflow.tracking import MlflowClient
+
+    from fp8exp.run.experiment import run_experiment
+    from tests.conftest import tracked
+
+    cfg = tracked(store, "model=llama_tiny", "precision=float8", "tracking.experiment=family_classify",
+                  "tracking.fp8_log_every=8", "tracking.save_model=false", "tracking.fp8_gemm_check=false")
+    validate(cfg)
+    outcome = run_experiment(cfg)
+    run = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert outcome.metrics["test/accuracy"] > 0.7  # the synthetic task's signal tokens are learned
+    metrics = run.data.metrics
+    query = "transformer_layer_0/self_attention/query"
+    for tensor in ("inputs", "kernel", "outputs_grad"):
+        assert f"fp8/{query}/{tensor}_scale" in metrics
+        assert np.isfinite(metrics[f"fp8/{query}/{tensor}_sqnr_db"]), tensor
+
+
+def _hand_counted_fp8_share(family: str, length: int = LENGTH, vocabulary: int = VOCAB) -> float:
+    """FLOPs per example, counted by hand from llama_tiny / gemma_tiny: FP8 projections over all
+    matmuls (+ attention scores QK^T and AV, + the tied embedding as the LM head)."""
+    d, heads, head_dim, layers = 64, 4, 16, 2
+    kv, ff = (2, 192) if family == "llama" else (1, 128)
+    per_token = d * heads * head_dim * 2 + 2 * d * kv * head_dim + 3 * d * ff  # q, o; k, v; gate, up, down
+    fp8 = 2 * length * per_token * layers
+    attention = 2 * 2 * length * length * heads * head_dim * layers
+    head = 2 * length * d * vocabulary
+    return fp8 / (fp8 + attention + head)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_layer_table_counts_attention_scores_and_the_lm_head(family):
+    from fp8exp.precision.health import layer_table
+    from fp8exp.precision.probe import Probe
+
+    cfg = compose_config(f"model={family}_tiny", "precision=float8", "task=causal_lm")
+    model = build(cfg, lambda: families.build_causal_lm(cfg.model, VOCAB))
+    ids = np.random.default_rng(0).integers(1, VOCAB, (2, LENGTH + 1)).astype("int32")
+    x, _, _ = families.causal_lm_batch(ids)
+    probe = Probe(model, x)
+    probe.run()
+    table = layer_table(model, probe.captures)
+    assert "(in reverse: the output projection) | LM head matmul | compute dtype" in table
+    assert table.count("(scores QK^T and AV) | attention matmul") == 2
+    share = float(table.rsplit("and ", 1)[1].split("%")[0]) / 100
+    assert share == pytest.approx(_hand_counted_fp8_share(family), abs=0.0005)

@@ -20,6 +20,7 @@ import os
 
 import keras
 import keras_hub
+import numpy as np
 from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
@@ -83,6 +84,12 @@ def causal_lm_batch(token_ids, padding_mask=None) -> tuple[dict, object, object]
     padding_mask = token_ids != 0 if padding_mask is None else keras.ops.convert_to_numpy(padding_mask)
     x = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
     return x, token_ids[:, 1:], padding_mask[:, 1:].astype("float32")
+
+
+def classifier_inputs(token_ids: np.ndarray, pad: int = 0) -> dict[str, np.ndarray]:
+    """Padded ids (as task=classify prepares them) -> a family's inputs; the mask marks non-padding."""
+    token_ids = np.asarray(token_ids, np.int32)
+    return {"token_ids": token_ids, "padding_mask": token_ids != pad}
 
 
 @keras.saving.register_keras_serializable(package="fp8exp")

@@ -66,15 +66,22 @@ def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold:
 
 def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
     """Markdown: every layer with weights, whether FP8 covers it, its parameters and its share
-    of the model's matmul FLOPs per example (attention score matmuls included, never FP8)."""
+    of the model's matmul FLOPs per example. Counted in high precision, never FP8: every
+    attention's score matmuls (QK^T and AV: keras MultiHeadAttention, Llama's and Gemma's own
+    attention layers alike) and a language model's output projection, the token embedding used
+    in reverse (tied or not)."""
     quantized = set(captures)
     rows = []
+    length = next((capture.output_shape[1] for capture in captures.values()), 0)
+    lm_head = getattr(getattr(model, "backbone", None), "token_embedding", None) if hasattr(model, "generate") else None
     for layer in model._flatten_layers(include_self=False):
+        query = next((getattr(layer, name) for name in ("query_dense", "_query_dense")
+                      if isinstance(getattr(layer, name, None), keras.layers.Layer)), None)
+        if query is not None and query.path in captures:
+            _, length, heads, head_dim = captures[query.path].output_shape
+            rows.append((f"{layer.path} (scores QK^T and AV)", "attention matmul", "compute dtype", 0,
+                         2 * 2 * length * length * heads * head_dim))
         if layer._layers or not layer.weights:
-            if isinstance(layer, keras.layers.MultiHeadAttention) and layer.query_dense.path in captures:
-                _, length, heads, head_dim = captures[layer.query_dense.path].output_shape
-                rows.append((f"{layer.path} (scores QK^T and AV)", "attention matmul", "compute dtype", 0,
-                             2 * 2 * length * length * heads * head_dim))
             continue
         params = sum(int(np.prod(w.shape)) for w in layer.weights
                      if not w.path.endswith(("_scale", "_amax_history")))
@@ -85,6 +92,10 @@ def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
             contracted = int(np.prod(kernel)) // int(np.prod(_kernel_output_dims(layer, kernel)))
             flops = 2 * output_elements * contracted
         rows.append((layer.path, type(layer).__name__, layer.dtype_policy.name, params, flops))
+        if layer is lm_head:
+            vocabulary, hidden = layer.embeddings.shape
+            rows.append((f"{layer.path} (in reverse: the output projection)", "LM head matmul", "compute dtype",
+                         0, 2 * length * hidden * vocabulary))
     total_flops = sum(row[4] for row in rows) or 1
     fp8_flops = sum(row[4] for row in rows if row[0] in quantized)
     lines = ["| layer | type | dtype policy | params | matmul FLOPs share |", "| --- | --- | --- | ---: | ---: |"]

@@ -84,10 +84,13 @@ class Probe:
             for layer in layers:
                 del layer.quantized_call
         loss = 0.0
-        if labels is not None:
-            loss_fn = (keras.losses.BinaryCrossentropy() if predictions.shape[-1] == 1
-                       else keras.losses.SparseCategoricalCrossentropy())
-            loss = loss_fn(labels, keras.ops.cast(predictions, "float32"))
+        if labels is not None:  # the loss the model trains with (a language model's is on logits)
+            loss_fn = keras.losses.get(self.model.loss) if getattr(self.model, "loss", None) else (
+                keras.losses.BinaryCrossentropy() if predictions.shape[-1] == 1
+                else keras.losses.SparseCategoricalCrossentropy())
+            if predictions.shape[-1] == 1 and labels.ndim == predictions.ndim - 1:
+                labels = labels[..., None]  # one sigmoid unit: as compile() lines them up
+            loss = keras.ops.mean(loss_fn(labels, keras.ops.cast(predictions, "float32")))
         return loss, inputs
 
     def run(self) -> dict[str, Capture]:

@@ -71,7 +71,6 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     Raises ConfigError for settings only checkable at run time (an unreachable tracking server,
     a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
-    tasks.check_runnable(cfg)
     context = context or LaunchContext()
     online = check_reachable(cfg)
     resume = None
@@ -150,11 +149,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             fp8_logger = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
-                probe = None
-                if cfg.tracking.fp8_probe and to_inputs is None:
-                    probe = Probe(net, splits.x_val[probe_batch], splits.y_val[probe_batch])
-                elif cfg.tracking.fp8_probe:  # its loss is a classifier's: measure inputs and kernels only
-                    probe = Probe(net, to_inputs(splits.x_val[probe_batch], splits.y_val[probe_batch])[0])
+                convert = to_inputs or (lambda x, y: (x, y))
+                probe = Probe(net, *convert(splits.x_val[probe_batch], splits.y_val[probe_batch])) \
+                    if cfg.tracking.fp8_probe else None
 
                 def fp8_sink(metrics, step):
                     # Each scale is logged at the step that quantizes with it (one after the step

@@ -1,7 +1,8 @@
 """What differs between tasks (conf/task/) in a run: the model, its loss and metrics, how a batch
 of split arrays becomes model inputs, and the end-of-run metrics. experiment.py stays task-free.
 
-    classify   the reference classifier (model.family=classifier) on padded ids and labels.
+    classify   the reference classifier (model.family=classifier) on padded ids and labels, or any
+               keras-hub family with a pooled output and a Dense head (families.build_classifier).
     causal_lm  families.build_causal_lm (gpt2/llama/gemma) on packed windows of sequence_length + 1
                tokens: inputs {"token_ids", "padding_mask"} = tokens [0, L), labels tokens [1, L].
 """
@@ -26,18 +27,12 @@ def task_name(cfg: DictConfig) -> str:
     return task.get("name", "classify") if task is not None else "classify"
 
 
-def check_runnable(cfg: DictConfig) -> None:
-    """The runner trains the reference classifier (classify) and the decoder families (causal_lm)."""
-    if task_name(cfg) == "classify" and cfg.model.family != "classifier":
-        raise ConfigError("model.family", f"{cfg.model.family}: the keras-hub families are built and checked "
-                          "(fp8exp/models/families.py) but the runner trains them only with task=causal_lm "
-                          "(gpt2, llama, gemma) so far; for task=classify use model=tiny, small, base or large")
-
-
 def build_model(cfg: DictConfig, splits: Splits) -> keras.Model:
     """The task's model, built under whatever dtype policy is global (policy.build sets it)."""
     if task_name(cfg) == "causal_lm":
         return families.build_causal_lm(cfg.model, splits.vocabulary_size)
+    if cfg.model.family != "classifier":
+        return families.build_classifier(cfg.model, splits.vocabulary_size, splits.num_classes)
     return classifier.build_classifier(cfg.model, splits.vocabulary_size, splits.sequence_length, splits.num_classes)
 
 
@@ -52,16 +47,18 @@ def compile_options(cfg: DictConfig, splits: Splits) -> dict:
 
 
 def batch_inputs(cfg: DictConfig) -> Callable[[np.ndarray, np.ndarray], tuple[object, np.ndarray]] | None:
-    """(x rows, y rows) of the splits -> (model inputs, labels); None = as they are (classify).
-    causal_lm: a packed window has no padding, so every position counts."""
-    if task_name(cfg) != "causal_lm":
+    """(x rows, y rows) of the splits -> (model inputs, labels); None = as they are (the reference
+    classifier). A keras-hub family takes {"token_ids", "padding_mask"}: for classify the mask marks
+    the non-[PAD] ids; a packed causal_lm window has no padding, so every position counts."""
+    if task_name(cfg) == "causal_lm":
+        def to_inputs(windows: np.ndarray, _unused: np.ndarray):
+            x, y, _ = families.causal_lm_batch(windows, np.ones(windows.shape, bool))
+            return x, y
+
+        return to_inputs
+    if cfg.model.family == "classifier":
         return None
-
-    def to_inputs(windows: np.ndarray, _unused: np.ndarray):
-        x, y, _ = families.causal_lm_batch(windows, np.ones(windows.shape, bool))
-        return x, y
-
-    return to_inputs
+    return lambda ids, labels: (families.classifier_inputs(ids), labels)
 
 
 def derived(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, float]:
