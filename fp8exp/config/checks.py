@@ -66,6 +66,10 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "data.vocabulary_size", "data.sequence_length")
     if cfg.data.vocabulary_size < 3:
         raise ConfigError("data.vocabulary_size", f"got {cfg.data.vocabulary_size}, needs at least 3 (pad, unknown, one token)")
+    task = cfg.task.name if cfg.get("task") is not None else "classify"
+    if cfg.data.name != "synthetic" and task == "causal_lm" and cfg.data.vocabulary_size < 257:
+        raise ConfigError("data.vocabulary_size", f"{cfg.data.vocabulary_size} is too small for the byte-level BPE "
+                          "of task=causal_lm: it needs at least 257 (256 bytes and <|endoftext|>)")
     if cfg.data.name in ("text_dir", "table") and OmegaConf.is_missing(cfg.data, "path"):
         kind = "a directory of <split>/<class>/*.txt" if cfg.data.name == "text_dir" else \
             "a .csv, .tsv, .parquet or .jsonl file"

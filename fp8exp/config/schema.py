@@ -45,7 +45,8 @@ class TextDataConfig:
 
     name: str = MISSING
     vocabulary_size: int = 20000
-    """WordPiece vocabulary size, including [PAD] and [UNK]."""
+    """Tokenizer vocabulary size: WordPiece (classify) including [PAD] and [UNK]; byte-level BPE
+    (causal_lm) including the 256 bytes and <|endoftext|>."""
     sequence_length: int = 200
     lowercase: bool = True
     cache_dir: Optional[str] = None

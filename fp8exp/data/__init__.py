@@ -30,7 +30,10 @@ class Splits:
     vocabulary_size: int
     """Size of the embedding table: every token id is below it."""
     vocabulary: list[str] | None = None
-    """WordPiece tokens by id, for sources of real text."""
+    """Tokens by id, for sources of real text: WordPiece (task=classify) or byte-level BPE (causal_lm)."""
+    merges: list[str] | None = None
+    """The BPE merge rules ("a b", in rank order) that rebuild the tokenizer with `vocabulary`
+    (bpe.keras_tokenizer); None for WordPiece and generated data."""
     notes: dict[str, int] = field(default_factory=dict)
     """Counts from preparation worth logging: undecodable files, dropped rows."""
     cache_hit: bool = False
@@ -54,8 +57,20 @@ class Splits:
             digest.update(f"{array.dtype}{array.shape}".encode())
             digest.update(np.ascontiguousarray(array).tobytes())
         digest.update("\n".join(self.vocabulary or []).encode())
+        if self.merges is not None:  # WordPiece splits keep the digests they had
+            digest.update(b"\0merges\0" + "\n".join(self.merges).encode())
         digest.update("\n".join(self.class_names).encode())
         return digest.hexdigest()[:20]
+
+    @property
+    def tokenizer(self) -> str | None:
+        """bpe | wordpiece | None (generated token ids): what turns text into these ids."""
+        return "bpe" if self.merges is not None else "wordpiece" if self.vocabulary else None
+
+    @property
+    def end_of_text_id(self) -> int | None:
+        """task=causal_lm: the id packing puts after each document, the last one (BPE: bpe.END_OF_TEXT)."""
+        return self.vocabulary_size - 1 if self.task == "causal_lm" else None
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +119,11 @@ class Splits:
                 "label_dtype": str(self.y_train.dtype)}
 
 
+TOKENIZERS = {"classify": "wordpiece", "causal_lm": "bpe"}
+"""What each task's real text is tokenized with: WordPiece as the reference classifier example
+(tokenize.py); byte-level BPE for language models, which must write any text back (bpe.py)."""
+
+
 def load(data: DictConfig, task: str = "classify") -> Splits:
     """The seam every data source plugs into: synthetic data is generated, real text is
     read, tokenized and cached under a fingerprint of the source and the settings (and the task:
@@ -129,26 +149,37 @@ def load(data: DictConfig, task: str = "classify") -> Splits:
     if source_id is None:
         return prepare(read, data)  # raises the reader's clear error about the path
 
+    entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, cache_key(data, task, source_id))
+    stored = cache.load(entry)
+    if stored is not None:
+        arrays, vocabulary, merges, meta = stored
+        log.info("Using prepared %s data from %s", data.name, entry)
+        return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
+                      vocabulary=vocabulary, merges=merges, notes=meta["notes"], cache_hit=True,
+                      task=meta.get("task", "classify"), **source)
+    splits = dataclasses.replace(prepare(read, data), **source)
+    cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
+                {"class_names": splits.class_names, "notes": splits.notes, "task": splits.task,
+                 "tokenizer": splits.tokenizer}, merges=splits.merges)
+    log.info("Prepared %s data cached in %s", data.name, entry)
+    return splits
+
+
+def cache_key(data: DictConfig, task: str, source_id: list, tokenizer: str | None = None) -> str:
+    """The cache key of a source's splits: its identity and every setting that shapes them, the task
+    and the tokenizer (default: the task's, TOKENIZERS) among them, so WordPiece and BPE entries never
+    mix. Keys made before the task or BPE existed (classify; WordPiece) stay as they were."""
+    from fp8exp.data import cache
+
     # Where the source lives and how big a download may be do not shape the splits; data.sha256
     # (the archive's identity) does, and stays in.
     settings = {k: v for k, v in OmegaConf.to_container(data).items()
                 if k not in ("cache_dir", "path", "url", "max_download_bytes")}
-    if task != "classify":  # classify keeps the keys its caches were stored under
+    if task != "classify":
         settings["task"] = task
-    key = cache.fingerprint(source_id, settings)
-    entry = cache.entry_dir(cache.cache_root(data.cache_dir), data.name, key)
-    stored = cache.load(entry)
-    if stored is not None:
-        arrays, vocabulary, meta = stored
-        log.info("Using prepared %s data from %s", data.name, entry)
-        return Splits(**arrays, class_names=meta["class_names"], vocabulary_size=len(vocabulary),
-                      vocabulary=vocabulary, notes=meta["notes"], cache_hit=True, task=meta.get("task", "classify"),
-                      **source)
-    splits = dataclasses.replace(prepare(read, data), **source)
-    cache.store(entry, {name: getattr(splits, name) for name in cache.ARRAYS}, splits.vocabulary,
-                {"class_names": splits.class_names, "notes": splits.notes, "task": splits.task})
-    log.info("Prepared %s data cached in %s", data.name, entry)
-    return splits
+    if (tokenizer or TOKENIZERS[task]) != "wordpiece":
+        settings["tokenizer"] = tokenizer or TOKENIZERS[task]
+    return cache.fingerprint(source_id, settings)
 
 
 def read_and_prepare(read, data: DictConfig) -> Splits:
@@ -168,22 +199,18 @@ def read_and_prepare(read, data: DictConfig) -> Splits:
                   vocabulary_size=len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
 
 
-END_OF_TEXT = "[EOT]"
-"""The token joining packed documents (task=causal_lm): appended to the WordPiece vocabulary, last id."""
-
-
 def read_and_pack(read, data: DictConfig) -> Splits:
-    """task=causal_lm: raw text only (labels unused) -> WordPiece vocabulary (training split only,
-    plus END_OF_TEXT) -> each split's documents tokenized in full and packed into windows of
-    data.sequence_length + 1 tokens (packing.pack_splits)."""
-    from fp8exp.data import packing, tokenize
+    """task=causal_lm: raw text only (labels unused) -> byte-level BPE vocabulary and merges (training
+    split only; bpe.END_OF_TEXT the last id) -> each split's documents tokenized in full and packed
+    into windows of data.sequence_length + 1 tokens, END_OF_TEXT after each (packing.pack_splits)."""
+    from fp8exp.data import bpe, packing
 
     raw = read()
     texts = {split: [t.lower() for t in items] if data.lowercase else list(items) for split, items in raw.texts.items()}
-    vocabulary = tokenize.train_vocabulary(texts["train"], data.vocabulary_size - 1) + [END_OF_TEXT]
-    documents = {split: tokenize.encode_documents(items, vocabulary) for split, items in texts.items()}
-    windows = packing.pack_splits(documents, data.sequence_length, end_of_text=len(vocabulary) - 1)
-    return lm_splits(windows, len(vocabulary), vocabulary=vocabulary, notes=raw.notes)
+    vocabulary, merges = bpe.train(texts["train"], data.vocabulary_size)
+    documents = {split: bpe.encode(items, vocabulary, merges) for split, items in texts.items()}
+    windows = packing.pack_splits(documents, data.sequence_length, end_of_text=vocabulary.index(bpe.END_OF_TEXT))
+    return lm_splits(windows, len(vocabulary), vocabulary=vocabulary, merges=merges, notes=raw.notes)
 
 
 def lm_splits(windows: dict[str, np.ndarray], vocabulary_size: int, **fields) -> Splits:

@@ -41,22 +41,31 @@ def entry_dir(root: Path, name: str, key: str) -> Path:
     return root / "prepared" / f"{name}-{key}"
 
 
-def load(entry: Path) -> tuple[dict[str, np.ndarray], list[str], dict] | None:
-    """Arrays, vocabulary and metadata of a complete entry, or None."""
+def load(entry: Path) -> tuple[dict[str, np.ndarray], list[str], list[str] | None, dict] | None:
+    """Arrays, vocabulary, BPE merges (None for WordPiece) and metadata of a complete entry, or None."""
     if not (entry / "meta.json").is_file():
         return None
     with np.load(entry / "splits.npz") as stored:
         arrays = {name: stored[name] for name in ARRAYS}
     vocabulary = (entry / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
-    return arrays, vocabulary, json.loads((entry / "meta.json").read_text())
+    merges = None
+    if (entry / "merges.txt").is_file():
+        text = (entry / "merges.txt").read_text(encoding="utf-8")
+        merges = text.split("\n") if text else []  # a text too small to merge anything leaves none
+    return arrays, vocabulary, merges, json.loads((entry / "meta.json").read_text())
 
 
-def store(entry: Path, arrays: dict[str, np.ndarray], vocabulary: list[str], meta: dict) -> None:
+def store(entry: Path, arrays: dict[str, np.ndarray], vocabulary: list[str], meta: dict,
+          merges: list[str] | None = None) -> None:
+    """One entry; merges.txt only for a BPE tokenizer. Tokens never hold a newline: WordPiece words
+    are split at whitespace, byte-level tokens spell a newline as `Ċ`."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
     try:
         np.savez(staging / "splits.npz", **arrays)
         (staging / "vocabulary.txt").write_text("\n".join(vocabulary), encoding="utf-8")
+        if merges is not None:
+            (staging / "merges.txt").write_text("\n".join(merges), encoding="utf-8")
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completeness
         try:
             staging.rename(entry)

@@ -95,18 +95,5 @@ def encode(texts: list[str], vocabulary: list[str], sequence_length: int) -> np.
     return ids
 
 
-def encode_documents(texts: list[str], vocabulary: list[str]) -> list[np.ndarray]:
-    """Each text's token ids in full, neither truncated nor padded (for packing, task=causal_lm).
-    The Rust tokenizer alone: a rare non-ASCII word over 100 bytes (but within 100 characters) is
-    split into pieces here where keras-hub would give [UNK]; no inference parity is claimed yet."""
-    from tokenizers import Tokenizer, models
-
-    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]",
-                                           max_input_chars_per_word=MAX_WORD_BYTES))
-    tokenizer.pre_tokenizer = _pre_tokenizer()
-    return [np.asarray(encoding.ids, np.int32)
-            for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-
-
 def _has_long_word(text: str) -> bool:
     return any(not run.isascii() and len(run.encode()) > MAX_WORD_BYTES for run in _MAYBE_LONG_WORD.findall(text))
