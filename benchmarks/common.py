@@ -56,7 +56,8 @@ def synthetic_batch_data(count: int, sequence_length: int, vocabulary_size: int 
 def time_steps(net: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int, steps: int) -> tuple[train.StepTimer, float]:
     """Warm up (compile) with one step, then `steps` timed steps: fp8exp's own step timer and
     the external wall time of the whole fit call divided by the steps."""
-    net.fit(x[:batch_size], y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
+    first = keras.tree.map_structure(lambda a: a[:batch_size], x)  # arrays or a dict of them
+    net.fit(first, y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
     timer = train.StepTimer()
     started = time.perf_counter()
     net.fit(x, y, batch_size=batch_size, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])

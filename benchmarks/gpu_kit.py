@@ -3,6 +3,7 @@ proof from the compiled step that FP8 GEMMs really ran. Needs only a CUDA JAX pl
 wheels benchmarks/gpu_wheels.sh downloads: no TensorFlow, no MLflow, no network.
 
     python -m benchmarks.gpu_kit                      # hidden 1024..8192, ~10 min on one H100/H200
+    python -m benchmarks.gpu_kit --llama 2048 4096    # also Llama blocks at 1B / 8B shapes (language_models.py)
     python -m benchmarks.gpu_kit --quick              # tiny, to check the code runs (CPU is fine)
 """
 
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks import language_models
 from benchmarks.common import machine, measure, size_table
 
 
@@ -23,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sequence", type=int, default=512, help="batch x sequence = the GEMMs' M")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-gpu.md"))
+    parser.add_argument("--llama", type=int, nargs="*", default=[], choices=sorted(language_models.LLAMA_SHAPES),
+                        help="hidden sizes of Llama-style causal LMs to time as well (Llama 3.2 1B / 3 8B blocks)")
+    parser.add_argument("--llama-layers", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -34,6 +39,19 @@ def main(argv=None) -> int:
             timing = measure(precision, hidden, args.sequence, args.batch, args.steps, num_layers=args.layers)
             print(f"hidden {hidden} {precision}: {timing.median_ms:.2f} ms/step, FP8 GEMMs {timing.gemm}", flush=True)
             timings.append(timing)
+    llama = []
+    shapes = [language_models.model_config("llama", "base", hidden_dim=hidden, num_layers=args.llama_layers,
+                                           max_sequence_length=args.sequence, **language_models.LLAMA_SHAPES[hidden])
+              for hidden in args.llama]
+    if args.quick and args.llama:
+        shapes = [language_models.model_config("llama", "tiny")]
+    for shape in shapes:
+        for precision in ("mixed_bfloat16", "float8"):
+            timing = language_models.measure("llama", precision, shape, args.batch, args.sequence, args.steps,
+                                             vocabulary_size=32000)
+            print(f"llama hidden {timing.hidden_dim} {precision}: {timing.median_ms:.2f} ms/step, "
+                  f"{timing.tokens_per_s:,.0f} tokens/s, FP8 GEMMs {timing.gemm}", flush=True)
+            llama.append(timing)
     fp8 = [t for t in timings if t.precision == "float8"]
     verdict = ("every FP8 matmul ran as an FP8 GEMM" if all(t.gemm == "fused" for t in fp8) else
                "**not every FP8 matmul ran as an FP8 GEMM** (see the last column): the speed-up understates FP8")
@@ -42,6 +60,10 @@ def main(argv=None) -> int:
             f"(M = {args.batch * args.sequence} tokens per GEMM), intermediate 4x hidden, median of {args.steps} "
             f"steps after compilation. FP8 = Keras delayed scaling (amax history 1024) from mixed_bfloat16. "
             f"Check: {verdict}.\n\n" + size_table(timings) + "\n")
+    if llama:
+        text += (f"\nLlama-style causal LMs ({args.llama_layers} blocks at Llama 3.2 1B / Llama 3 8B shapes: grouped-query "
+                 f"attention, SwiGLU; vocabulary 32,000), batch {args.batch} x sequence {args.sequence}, next-token "
+                 "loss, random weights:\n\n" + language_models.timing_table(llama) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

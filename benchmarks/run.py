@@ -1,6 +1,7 @@
 """`make bench`: what fp8exp costs and whether its numbers can be trusted, written to
 docs/benchmarks.md. Sections: framework overhead, honest step time, start-up, data path,
-step time across sizes. Benchmarks measure; tests only check that this code runs."""
+step time across sizes, and for the keras-hub families (language_models.py) tokens/s per family,
+the language-model overhead and data path. Benchmarks measure; tests only check that this code runs."""
 
 from __future__ import annotations
 
@@ -229,11 +230,21 @@ def sizes(quick: bool) -> str:
             + size_table(timings) + "\n")
 
 
+def _language_models():
+    from benchmarks import language_models
+
+    return language_models
+
+
 SECTIONS = {"overhead": ("Framework overhead", framework_overhead),
             "honest": ("Honest step time", honest_step_time),
             "startup": ("Start-up", startup),
             "data": ("Data path", data_path),
-            "sizes": ("Step time across sizes (CPU)", sizes)}
+            "sizes": ("Step time across sizes (CPU)", sizes),
+            "families": ("Model families (CPU)", lambda quick: _language_models().family_section(quick)),
+            "lm_overhead": ("Language-model overhead", lambda quick: _language_models().overhead_section(quick, compose)),
+            "lm_data": ("Language-model data path",
+                        lambda quick: _language_models().data_section(quick, compose, CLOTHING))}
 
 
 def _sections(text: str) -> dict[str, str]:

@@ -38,7 +38,24 @@ def test_quick_data_path_section(tmp_path):
 
 def test_gpu_kit_runs_on_cpu_and_says_fp8_was_not_fused(tmp_path):
     out = tmp_path / "gpu.md"
-    assert gpu_kit.main(["--quick", "--out", str(out)]) == 0
+    assert gpu_kit.main(["--quick", "--llama", "2048", "--out", str(out)]) == 0
     text = out.read_text()
+    assert re.search(r"\| llama \| 64 \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| emulated \(0/\d+\) \|", text)
     assert "**not every FP8 matmul ran as an FP8 GEMM**" in text
     assert "emulated (0/24)" in text  # the CPU's FP8 is labelled as emulation
+
+
+def test_quick_language_model_sections_write_their_tables(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    assert run.main(["--quick", "--only", "families", "lm_overhead", "--out", str(out)]) == 0
+    text = out.read_text()
+    for family in ("gpt2", "llama", "gemma", "bert"):
+        assert re.search(rf"\| {family} \| \d+ \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| - \|", text), family
+    assert re.search(r"\*\*Median ratio \d+\.\d{3}\*\* \(goal: at most 1.03\)", text.split("## Language-model overhead")[1])
+
+
+@needs_clothing
+def test_quick_language_model_data_section(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    assert run.main(["--quick", "--only", "lm_data", "--out", str(out)]) == 0
+    assert re.search(r"Cold speed-up \d+\.\dx \(goal 10x\)", out.read_text())
