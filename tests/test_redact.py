@@ -83,3 +83,12 @@ def test_a_runs_params_tags_and_config_mask_url_credentials(tmp_path):
     everything = repr([recorded.params, recorded.tags]) + config_yaml
     for secret in (TOKEN, "hf_AbCdEf123456", "9f8e7d6c5b4a", "AKIAEXAMPLE"):
         assert secret not in everything
+
+
+def test_key_is_a_secret_as_the_last_word_only():
+    from fp8exp.tracking.redact import is_secret_name
+
+    for secret in ("api_key", "AWS_SECRET_ACCESS_KEY", "key", "tracking.private_key", "encryptionKey"):
+        assert is_secret_name(secret), secret
+    for harmless in ("model.num_key_value_heads", "key_value_heads", "monkey", "hydra.job.override_dirname"):
+        assert not is_secret_name(harmless), harmless

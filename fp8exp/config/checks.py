@@ -117,6 +117,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("distribution.mesh_shape", f"got {list(distribution.mesh_shape)}, expected "
                               "[batch, model] with positive sizes")
 
+    report = cfg.get("report")
+    if report is not None and not 0.0 <= report.parity_threshold < 1.0:
+        raise ConfigError("report.parity_threshold", f"got {report.parity_threshold}, expected a fraction in [0, 1), "
+                          "e.g. 0.0025 for 0.25% relative loss error")
+
     if cfg.tracking.name not in TRACKERS:
         raise ConfigError("tracking.name", f"unknown tracker {cfg.tracking.name!r}; valid: {', '.join(TRACKERS)}")
     _positive(cfg, "tracking.fp8_log_every")

@@ -265,6 +265,16 @@ class DistributionConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What the sweep's report on its parent run judges by (the same as `python -m fp8exp.report`'s options)."""
+
+    parity_threshold: float = 0.0025
+    """Language models: FP8 is at parity with mixed_bfloat16 when the 95% CI of its relative final
+    validation loss error (loss_fp8 / loss_bf16 - 1, paired by seed) lies below +threshold; a
+    fraction, 0.0025 = 0.25% (DeepSeek-V3's figure). `--parity-threshold` of fp8exp.report."""
+
+
+@dataclass
 class Config:
     data: Any = MISSING
     model: ModelConfig = MISSING
@@ -273,6 +283,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs() -> None:

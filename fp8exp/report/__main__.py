@@ -7,6 +7,7 @@ the answer set on it as summary metrics, the `fp8exp.verdict` tag and its descri
     python -m fp8exp.report --parent RUN_ID     # one sweep
     python -m fp8exp.report --experiment NAME   # every finished run of an experiment
     python -m fp8exp.report --speed-noise 0.05  # speedups within ±5% read "no clear speed change"
+    python -m fp8exp.report --parity-threshold 0.005  # language models: parity within +0.5% loss
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from fp8exp.report.document import write_report
 from fp8exp.report.parent import publish
+from fp8exp.report.parity import PARITY_THRESHOLD
 from fp8exp.report.runs import ReportError, default_out_dir, find_source
 from fp8exp.report.tables import SPEED_NOISE
 
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report)")
     parser.add_argument("--speed-noise", type=fraction, default=SPEED_NOISE, metavar="FRACTION",
                         help=f"speedups within this fraction of 1.00x are no clear speed change (default {SPEED_NOISE})")
+    parser.add_argument("--parity-threshold", type=fraction, default=PARITY_THRESHOLD, metavar="FRACTION",
+                        help="causal_lm: FP8's final validation loss is at parity when the 95%% CI of loss_fp8 / "
+                             f"loss_bf16 - 1 lies below +FRACTION (default {PARITY_THRESHOLD}, DeepSeek-V3's 0.25%%)")
     args = parser.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
@@ -54,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = find_source(client, args.parent, args.experiment)
         out = args.out or default_out_dir(source)
-        markdown, files, rows = write_report(client, source, out, args.speed_noise)
+        markdown, files, rows = write_report(client, source, out, args.speed_noise, args.parity_threshold)
     except ReportError as error:
         print(f"fp8exp.report: error: {error}", file=sys.stderr)
         return 1
     if source.parent_run_id:
-        publish(client, source.parent_run_id, rows, markdown, out, args.speed_noise)
+        publish(client, source.parent_run_id, rows, markdown, out, args.speed_noise, args.parity_threshold)
     print(markdown.split("\n![", 1)[0].rstrip())
     print(f"\nWrote {', '.join(p.name for p in files)} to {out}"
           + (f"; logged under 'report/' on parent run {source.parent_run_id}, with its summary/ metrics, "

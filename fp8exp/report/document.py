@@ -5,15 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from fp8exp.report import inference
-from fp8exp.report.plots import plot_accuracy, plot_fp8_scales, plot_step_time
+from fp8exp.report import inference, parity
+from fp8exp.report.plots import (
+    plot_accuracy,
+    plot_fp8_scales,
+    plot_loss_parity,
+    plot_step_time,
+)
 from fp8exp.report.rows import Row, build_rows
 from fp8exp.report.runs import BASELINE, ReportError, Source, slug
 from fp8exp.report.stats import MIN_SEEDS
 from fp8exp.report.tables import (
     SPEED_NOISE,
     crossover,
-    headline,
     markdown_table,
     pairing_notes,
     superseded_notes,
@@ -29,9 +33,11 @@ class Report(NamedTuple):
     """The configurations the table shows, in its order."""
 
 
-def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_NOISE) -> Report:
+def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_NOISE,
+                 parity_threshold: float = parity.PARITY_THRESHOLD) -> Report:
     """Write every file; returns the Markdown, the paths written and the configurations. Speedups
-    within `speed_noise` of 1.00x are called no clear speed change."""
+    within `speed_noise` of 1.00x are called no clear speed change; language models (causal_lm)
+    also get their loss parity against `parity_threshold` (parity.py) and `loss_parity.png`."""
     finished = [run for run in source.runs if run.status == "FINISHED" and "test/accuracy" in run.metrics]
     left_out = [run for run in source.runs if run not in finished]
     statuses = ", ".join(f"{sum(r.status == s for r in left_out)} {s}" for s in sorted({r.status for r in left_out}))
@@ -54,7 +60,12 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
                      "bfloat16 matmul): judge accuracy here, speed on a GPU with FP8 tensor cores.")
 
     files = [out / "report.md", out / "report.csv", out / "accuracy.png", out / "step_time.png"]
-    write_csv(rows, out / "report.csv")
+    parities = parity.loss_parity(rows, parity_threshold)
+    panels = parity.curve_panels(rows, parities)
+    write_csv(rows, out / "report.csv", parity.csv_columns(rows, parities) if panels else None)
+    if panels:
+        plot_loss_parity(client, panels, out / "loss_parity.png")
+        files.append(out / "loss_parity.png")
     plot_accuracy(rows, out / "accuracy.png")
     note = crossover(rows, noise=speed_noise)
     plot_step_time(rows, out / "step_time.png", note)
@@ -66,7 +77,8 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
     files += scale_plots
 
     lines = [f"# FP8 report: {source.title}", ""]
-    lines += [f"- {line}" for line in headline(rows, speed_noise)] or ["- nothing to compare against a baseline"]
+    lines += [f"- {line}" for line in parity.answer_lines(rows, speed_noise, parity_threshold)] or [
+        "- nothing to compare against a baseline"]
     if note:
         lines.append(f"- {note}")
     lines += ["", markdown_table(rows, speed_noise), ""]
@@ -78,8 +90,11 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
               "interval, and only a zero difference is called exact. Step time is the median over seeds of each "
               "run's median step; speedup = baseline step time / this step time, within "
               f"±{speed_noise:.0%} of 1.00x no clear speed change."), ""]
+    lines += parity.markdown_section(rows, parities, parity_threshold)
     if inference.has_inference(rows):  # python -m fp8exp.infer_bench ran on this sweep
         lines += ["## Inference", "", inference.inference_table(rows), "", f"> {inference.NOTE}", ""]
+    if panels:
+        lines += ["![validation loss by precision](loss_parity.png)", ""]
     lines += ["![accuracy](accuracy.png)", "", "![step time](step_time.png)", ""]
     lines += [f"![{p.stem}]({p.name})" for p in scale_plots]
     markdown = "\n".join(lines) + "\n"

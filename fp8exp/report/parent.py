@@ -4,8 +4,11 @@
   `summary/<label>/test_accuracy_mean`, `step_time_ms` and, against the baseline, `delta_pts`,
   `delta_ci_low`, `delta_ci_high` (percentage points) and `speedup`; only those the row has.
   `<label>` is the report's own label ("float8 h32") with every run of characters MLflow does not
-  take in a metric key made one dash: `float8-h32`, `mixed_bfloat16-h32`;
-- the tag `fp8exp.verdict`: the headline in one line (the run table's tag column);
+  take in a metric key made one dash: `float8-h32`, `mixed_bfloat16-h32`; language models
+  (causal_lm) also get `val_loss_mean` (of the final `val/loss`) and, against the baseline,
+  `rel_loss_error_pct`, `rel_loss_error_ci_low_pct`, `rel_loss_error_ci_high_pct` (parity.py);
+- the tag `fp8exp.verdict`: the headline in one line (the run table's tag column), for language
+  models the loss parity verdict;
 - the report's Markdown as the run's description (`mlflow.note.content`), its plots shown from
   the run's `report/` artifacts.
 
@@ -19,10 +22,11 @@ import re
 import time
 from pathlib import Path
 
+from fp8exp.report import parity
 from fp8exp.report.document import Report, write_report
 from fp8exp.report.rows import Row
 from fp8exp.report.runs import BASELINE, STEP_MS, default_out_dir, find_source
-from fp8exp.report.tables import SPEED_NOISE, crossover, headline
+from fp8exp.report.tables import SPEED_NOISE, crossover
 
 SUMMARY = "summary"
 VERDICT_TAG = "fp8exp.verdict"
@@ -45,6 +49,7 @@ def metric_label(row: Row) -> str:
 def summary_metrics(rows: list[Row]) -> dict[str, float]:
     """`summary/<label>/<name>` -> value for every row; a row gets only the values it has."""
     metrics = {}
+    losses = parity.summary_values(rows, parity.loss_parity(rows))  # the threshold changes no number
     for row in rows:
         accuracy, delta = row.accuracy, row.delta
         values = {"test_accuracy_mean": accuracy.mean() if len(accuracy) else None,
@@ -52,16 +57,17 @@ def summary_metrics(rows: list[Row]) -> dict[str, float]:
                   "delta_ci_low": delta.low * 100 if delta and delta.low is not None else None,
                   "delta_ci_high": delta.high * 100 if delta and delta.high is not None else None,
                   "speedup": row.speedup,
-                  "step_time_ms": row.median(STEP_MS)}
+                  "step_time_ms": row.median(STEP_MS), **losses.get(row.label, {})}
         metrics.update({f"{SUMMARY}/{metric_label(row)}/{name}": float(value) for name, value in values.items()
                         if value is not None and math.isfinite(value)})
     return metrics
 
 
-def verdict(rows: list[Row], speed_noise: float = SPEED_NOISE) -> str:
-    """The headline lines joined with " | ", the crossover last; whole lines that do not fit in
-    MAX_VERDICT_CHARS are counted instead ("+2 more in the run's description")."""
-    lines = headline(rows, speed_noise) or [_nothing_to_compare(rows)]
+def verdict(rows: list[Row], speed_noise: float = SPEED_NOISE, parity_threshold: float = parity.PARITY_THRESHOLD) -> str:
+    """The headline lines joined with " | " (parity.answer_lines: loss parity for language models),
+    the crossover last; whole lines that do not fit in MAX_VERDICT_CHARS are counted instead
+    ("+2 more in the run's description")."""
+    lines = parity.answer_lines(rows, speed_noise, parity_threshold) or [_nothing_to_compare(rows)]
     tail = [where] if (where := crossover(rows, noise=speed_noise)) else []
     for keep in range(len(lines), 0, -1):
         more = [f"+{len(lines) - keep} more in the run's description"] if keep < len(lines) else []
@@ -103,7 +109,7 @@ def note(markdown: str, run_id: str, plots: set[str]) -> str:
 
 
 def publish(client, parent_run_id: str, rows: list[Row], markdown: str, out: Path | None = None,
-            speed_noise: float = SPEED_NOISE) -> str:
+            speed_noise: float = SPEED_NOISE, parity_threshold: float = parity.PARITY_THRESHOLD) -> str:
     """Put the report on the sweep's parent run: the files in `out` (when given) under report/,
     the summary metrics, the verdict tag and the description. Returns the verdict.
 
@@ -117,7 +123,7 @@ def publish(client, parent_run_id: str, rows: list[Row], markdown: str, out: Pat
         client.log_artifacts(parent_run_id, str(out), artifact_path=ARTIFACT_DIR)
         if "fp8exp.sync.status" not in client.get_run(parent_run_id).data.tags:
             plots = {path.name for path in Path(out).glob("*.png")}
-    answer = verdict(rows, speed_noise)
+    answer = verdict(rows, speed_noise, parity_threshold)
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in summary_metrics(rows).items()]
     tags = [RunTag(VERDICT_TAG, answer), RunTag(NOTE_TAG, note(markdown, parent_run_id, plots))]
@@ -127,11 +133,13 @@ def publish(client, parent_run_id: str, rows: list[Row], markdown: str, out: Pat
     return answer
 
 
-def report_sweep(client, parent_run_id: str, speed_noise: float = SPEED_NOISE) -> tuple[Report, Path, str]:
+def report_sweep(client, parent_run_id: str, speed_noise: float = SPEED_NOISE,
+                 parity_threshold: float = parity.PARITY_THRESHOLD) -> tuple[Report, Path, str]:
     """The whole report of one sweep, as `python -m fp8exp.report --parent` makes it: written
     beside its jobs (see `default_out_dir`) and published on the parent. Returns the report, the
     folder and the verdict; raises ReportError when there is nothing to compare."""
     source = find_source(client, parent_run_id, None)
     out = default_out_dir(source)
-    report = write_report(client, source, out, speed_noise)
-    return report, out, publish(client, parent_run_id, report.rows, report.markdown, out, speed_noise)
+    report = write_report(client, source, out, speed_noise, parity_threshold)
+    return report, out, publish(client, parent_run_id, report.rows, report.markdown, out, speed_noise,
+                                parity_threshold)

@@ -1,4 +1,5 @@
-"""The report's plots (PNG): accuracy by precision and size, step time by size, FP8 scales."""
+"""The report's plots (PNG): accuracy by precision and size, step time by size, FP8 scales, and for
+language models the validation-loss curves of each precision per size."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from pathlib import Path
 
 from fp8exp.report.rows import Row
-from fp8exp.report.runs import BASELINE, STEP_MS, RunData
+from fp8exp.report.runs import BASELINE, STEP_MS, VAL_LOSS, VAL_LOSS_STEP, RunData
 
 SCALED_TENSORS = ("inputs", "kernel", "outputs_grad")
 
@@ -97,3 +98,40 @@ def plot_fp8_scales(client, run: RunData, path: Path) -> bool:
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
     _save(fig, path, dpi=100)
     return True
+
+
+def loss_curve(client, run: RunData, key: str) -> dict[float, float]:
+    """x -> value of one run's metric history (of values logged twice at a step, the later)."""
+    history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def curve_key(rows: list[Row]) -> str:
+    """`val/loss_step` (x = optimizer step) when every run of `rows` logged it, else `val/loss` (x = epoch)."""
+    return VAL_LOSS_STEP if all(VAL_LOSS_STEP in run.metrics for row in rows for run in row.runs) else VAL_LOSS
+
+
+def plot_loss_parity(client, panels: list[tuple[str, list[Row]]], path: Path) -> None:
+    """One panel per size: each precision's validation loss, the mean over its seeds as a line and
+    the range over seeds (min to max) as a band; the series is the panel's `curve_key`."""
+    fig, axes = _figure(width=5.2, height=4.0, ncols=len(panels))
+    colors = {p: f"C{i}" for i, p in enumerate(_precisions([row for _, group in panels for row in group]))}
+    for ax, (title, group) in zip(axes[0], panels):
+        key = curve_key(group)
+        for row in group:
+            curves = [loss_curve(client, run, key) for run in row.runs]
+            xs = sorted({x for curve in curves for x in curve})
+            values = [[curve[x] for curve in curves if x in curve] for x in xs]
+            color = colors[row.precision]
+            ax.plot(xs, [sum(v) / len(v) for v in values], "o-" if len(xs) < 12 else "-", color=color, ms=3,
+                    label=f"{row.precision} (mean of {len(curves)} seed{'s' if len(curves) != 1 else ''})")
+            ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2, lw=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step" if key == VAL_LOSS_STEP else "epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"validation loss ({key})")
+    fig.suptitle("Validation loss by precision: line = mean over seeds, band = min to max over seeds", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

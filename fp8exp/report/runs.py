@@ -11,6 +11,10 @@ SEED_PARAMS = ("trainer.seed",)
 PRECISION = "precision.name"
 SIZE = "model.hidden_dim"
 STEP_MS = "perf/step_time_ms"
+VAL_LOSS = "val/loss"
+"""Validation loss per epoch (step = epoch)."""
+VAL_LOSS_STEP = "val/loss_step"
+"""Validation loss every trainer.eval_every_steps optimizer steps (step = optimizer step), when logged."""
 
 
 class ReportError(Exception):

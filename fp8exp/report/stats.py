@@ -4,7 +4,8 @@ paired by seed where both sides ran the same seeds.
 Rules for a verdict (gained / LOST / no clear change): it needs at least MIN_SEEDS seeds (pairs,
 or seeds on each side when unpaired); from fewer the interval is still reported. When every seed
 gives the same difference there is no spread to build a t interval from, so none is given: the
-difference is called exact only when it is zero ("identical on every seed")."""
+difference is called exact only when it is zero ("identical on every seed"). `mean_ci` is the
+interval alone, for per-seed values paired already (parity.py: relative loss errors)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,20 @@ class Delta:
         return "no clear accuracy change"
 
 
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the mean of `values` (per-seed differences, paired) with a t-based
+    interval on len(values) - 1 degrees of freedom; (mean, None, None) from one value, or when
+    the values do not vary (within SAME) and there is no spread to build an interval from."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean, n = float(values.mean()), len(values)
+    if n < 2 or np.ptp(values) <= SAME:
+        return mean, None, None
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 def delta_ci(values: dict[str, float], baseline: dict[str, float], confidence: float = 0.95) -> Delta:
     """`values` and `baseline` map seed -> metric. Seeds present in both are paired (the same
     data order and initialisation, so seed-to-seed noise cancels) when there are two or more,
@@ -70,12 +85,9 @@ def delta_ci(values: dict[str, float], baseline: dict[str, float], confidence: f
              "only_here": tuple(sorted(set(values) - set(baseline), key=seed_order)),
              "only_baseline": tuple(sorted(set(baseline) - set(values), key=seed_order))}
     if len(seeds["common"]) >= 2:
-        diffs = np.array([values[s] - baseline[s] for s in seeds["common"]])
-        mean, n = float(diffs.mean()), len(diffs)
-        if np.ptp(diffs) <= SAME:
-            return Delta(mean, None, None, n, True, n, constant=True, **seeds)
-        half = stats.t.ppf((1 + confidence) / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n)
-        return Delta(mean, mean - half, mean + half, n, True, n, **seeds)
+        diffs = [values[s] - baseline[s] for s in seeds["common"]]
+        mean, low, high = mean_ci(diffs, confidence)
+        return Delta(mean, low, high, len(diffs), True, len(diffs), constant=low is None, **seeds)
     a, b = np.array(list(values.values())), np.array(list(baseline.values()))
     mean = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:

@@ -74,14 +74,17 @@ def markdown_table(rows: list[Row], noise: float = SPEED_NOISE) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
+def write_csv(rows: list[Row], path: Path, extra: tuple[list[str], dict[str, list]] | None = None) -> None:
+    """One line per row. `extra`: more columns (their names, and row label -> values), e.g. the
+    loss parity's (parity.csv_columns); a row without values gets empty cells."""
+    names, values = extra or ([], {})
     with path.open("w", newline="") as handle:
         out = csv.writer(handle)
         setting_keys = [k for k, _ in rows[0].setting]
         out.writerow(["precision", *setting_keys, "seeds", "test_accuracy_mean", "test_accuracy_sd",
                       "delta_accuracy", "delta_ci_low", "delta_ci_high", "delta_paired", "delta_n",
                       "step_time_ms_median", "speedup", "examples_per_s_median", "params", "run_ids",
-                      "superseded_run_ids"])
+                      "superseded_run_ids", *names])
         for row in rows:
             acc, d = row.accuracy, row.delta
             out.writerow([row.precision, *[v for _, v in row.setting], len(row.runs),
@@ -90,7 +93,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                           d.high if d and d.high is not None else "", d.paired if d else "", d.n if d else "",
                           row.median(STEP_MS) or "", row.speedup or "", row.median("perf/examples_per_s") or "",
                           row.median("model/params") or "", " ".join(r.run_id for r in row.runs),
-                          " ".join(r.run_id for r in row.superseded)])
+                          " ".join(r.run_id for r in row.superseded), *values.get(row.label, [""] * len(names))])
 
 
 def headline(rows: list[Row], noise: float = SPEED_NOISE) -> list[str]:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracking.artifact_root",
                 "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
                 "data.cache_dir", "data.max_download_bytes", "trainer.stale_after_s", "tracking.system_metrics",
-                "tracking.register_model", "tracking.log_every_steps", "trainer.eval_every_steps"}
+                "tracking.register_model", "tracking.log_every_steps", "trainer.eval_every_steps",
+                "report.parity_threshold"}
 RESUMABLE = ("KILLED", "FAILED")
 
 

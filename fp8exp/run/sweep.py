@@ -62,6 +62,8 @@ class SweepCallback(Callback):
     """At the end, put the report on the parent run (fp8exp/report/parent.py): its files under
     report/, summary/ metrics, the fp8exp.verdict tag and its description. Off with
     hydra.callbacks.sweep.report=false (conf/hydra/callbacks/sweep.yaml)."""
+    parity_threshold: float = field(default=0.0025, repr=False)
+    """The jobs' `report.parity_threshold` (set at the start): what the report judges loss parity by."""
     ended: bool = field(default=False, repr=False)
     warned: bool = field(default=False, repr=False)
 
@@ -89,6 +91,8 @@ class SweepCallback(Callback):
         self.jobs = len(jobs) if jobs is not None else None
         self.sweep = Sweep(str(sweep_dir), None, varying_keys(jobs or []))
         self.tracking = composed[0] if composed and composed[0].tracking.name != "none" else None
+        if composed and composed[0].get("report") is not None:
+            self.parity_threshold = float(composed[0].report.parity_threshold)
         if self.tracking is not None:
             from fp8exp.tracking.store import (
                 check_reachable,
@@ -159,7 +163,8 @@ class SweepCallback(Callback):
 
         try:
             with fast_failing_http():
-                _, out, verdict = report_sweep(MlflowClient(self.uri), parent)
+                _, out, verdict = report_sweep(MlflowClient(self.uri), parent,
+                                               parity_threshold=self.parity_threshold)
         except ReportError as error:
             print(f"No report on the parent run: {error}")
         except Exception as error:  # noqa: BLE001

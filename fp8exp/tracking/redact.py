@@ -14,11 +14,12 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 MASK = "***"
 # Words that make a config key (its last dotted part), an environment variable name or a URL query key
 # a credential: MLFLOW_TRACKING_PASSWORD, HF_TOKEN, AWS_SECRET_ACCESS_KEY, api_key, X-Amz-Signature, sig;
-# not signal_tokens or tokenizer.
-SECRET_WORDS = {"token", "secret", "secrets", "credential", "credentials", "key", "apikey", "accesskey",
+# not signal_tokens or tokenizer. "key" only as the last word (api_key, AWS_SECRET_ACCESS_KEY): model sizes
+# such as num_key_value_heads are not secrets.
+SECRET_WORDS = {"token", "secret", "secrets", "credential", "credentials", "apikey", "accesskey",
                 "privatekey", "signature", "sig"}
 SECRET_ENDINGS = ("password", "passwd", "passphrase")  # also inside a word: PGPASSWORD
-SECRET_LAST_WORDS = {"auth", "pwd", "pass"}  # REDISCLI_AUTH, MYSQL_PWD, SMTP_PASS; not SSH_AUTH_SOCK
+SECRET_LAST_WORDS = {"auth", "pwd", "pass", "key"}  # REDISCLI_AUTH, MYSQL_PWD, SMTP_PASS; not SSH_AUTH_SOCK
 WORKING_DIRECTORIES = {"PWD", "OLDPWD"}  # the shell's, not passwords
 MIN_SECRET_CHARS = 6  # shorter environment values ("1", "true") would mask ordinary text
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,;:!?)\]}]")  # not the full stop after it
