@@ -39,7 +39,7 @@ def test_a_corpus_too_small_for_one_training_window_is_one_line(tmp_path):
     table = tmp_path / "tiny.csv"
     table.write_text("text,label\n" + "".join(f"word {i},{i % 2}\n" for i in range(20)))
     cfg = compose_config("data=table", f"data.path={table}", f"data.cache_dir={tmp_path / 'cache'}",
-                         "data.sequence_length=64", "data.vocabulary_size=50", "task=causal_lm", "model=llama_tiny")
+                         "data.sequence_length=64", "data.vocabulary_size=300", "task=causal_lm", "model=llama_tiny")
     with pytest.raises(ConfigError, match=r"^data.sequence_length: the train split has \d+ tokens, too few") as error:
         data.load(cfg.data, cfg.task.name)
     assert "\n" not in str(error.value)
@@ -78,7 +78,8 @@ def test_a_decoder_trains_as_a_language_model(store, model, precision):
         assert expected and expected <= set(metrics)
     else:
         assert not any(key.endswith("_scale") for key in metrics)
-    assert not client.search_logged_models([run.info.experiment_id])  # a language model is not saved yet
+    saved = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == outcome.run_id]
+    assert [m.model_type for m in saved] == ["fp8exp-language-model"]  # predict generates from it
 
 
 @pytest.mark.slow
@@ -106,3 +107,10 @@ def test_a_language_model_trains_on_the_shared_corpus_text(store, tmp_path_facto
     assert "test perplexity" in capsys.readouterr().out
     print(f"\n{precision}: test/loss {outcome.metrics['test/loss']:.4f} "
           f"test/perplexity {outcome.metrics['test/perplexity']:.2f}")
+
+
+def test_a_vocabulary_too_small_for_byte_level_bpe_is_refused_before_loading():
+    cfg = compose_config("data=table", "data.path=/nonexistent.csv", "data.vocabulary_size=256", "task=causal_lm",
+                         "model=llama_tiny")
+    with pytest.raises(ConfigError, match=r"^data.vocabulary_size: 256 is too small for the byte-level BPE"):
+        validate(cfg)

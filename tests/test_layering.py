@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Package -> the packages it may import. Data flows config -> data -> models -> precision -> run;
 # tracking observes (it reads FP8 state, never builds data or models); report reads what tracking
-# stored; serve answers requests with saved models; run drives everything.
+# stored; serve answers requests with saved models (and ships models/pooling.py, the one fp8exp
+# layer a saved model's config names); run drives everything.
 LAYERS = {
     "config": set(),
     "data": {"config"},
@@ -21,7 +22,7 @@ LAYERS = {
     "precision": {"config"},
     "tracking": {"config", "precision"},
     "report": {"config", "tracking"},
-    "serve": {"config", "data", "precision", "report", "tracking"},
+    "serve": {"config", "data", "models", "precision", "report", "tracking"},
     "run": {"config", "data", "models", "precision", "report", "serve", "tracking"},
     # Top-level modules: start-up, the Hydra entry point and the thin command shims.
     "startup": set(),
@@ -173,3 +174,14 @@ def test_type_checking_imports_do_not_count(toy: Path):
     (toy / "config" / "checks.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fp8exp.run.train import Y\n")
     assert violations(toy, {"config": set(), "run": {"config"}}) == []
+
+
+def test_the_fp8_recipes_stand_alone():
+    """precision/recipes/ imports nothing of fp8exp outside itself: saved models can ship it."""
+    graph = module_graph(ROOT / "fp8exp")
+    inside = "fp8exp.precision.recipes"
+    recipes = {module for module in graph if module == inside or module.startswith(inside + ".")}
+    assert recipes
+    outside = {f"{module} imports {target}" for module in recipes for target in graph[module]
+               if target not in recipes and target != "fp8exp.precision"}
+    assert not outside, sorted(outside)

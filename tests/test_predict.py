@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from fp8exp.config import PRECISIONS, validate
 from fp8exp.serve import locate, logged, predict
-from fp8exp.serve import pyfunc as serving
+from fp8exp.serve import textmodel as serving
 from fp8exp.serve import save as serving_save
 from tests.conftest import ROOT, compose_config
 from tests.servers import model_server, tracking_server
@@ -111,7 +111,8 @@ def test_each_run_s_model_is_a_logged_model_with_its_test_metrics(store, runs):
     models = {m.source_run_id: m for m in client.search_logged_models(experiment_ids=[experiment])}
     for precision, run_id in runs.items():
         model, run = models[run_id], client.get_run(run_id)
-        assert model.name == "model" and str(model.status) == "READY" and model.model_type == logged.MODEL_TYPE
+        assert model.name == "model" and str(model.status) == "READY"
+        assert model.model_type == logged.MODEL_TYPES["classify"]
         assert model.model_id == model_id(store, run_id)
         assert [output.model_id for output in run.outputs.model_outputs] == [model.model_id]
         assert model.tags["precision"] == precision and model.params["precision.name"] == precision
@@ -129,7 +130,8 @@ def test_each_run_s_model_is_a_logged_model_with_its_test_metrics(store, runs):
 
 # ---------------------------------------------------------------- log_model without training
 
-SPLITS = SimpleNamespace(class_names=["a", "b"], sequence_length=16, vocabulary_size=100, vocabulary=None)
+SPLITS = SimpleNamespace(class_names=["a", "b"], sequence_length=16, vocabulary_size=100, vocabulary=None, merges=None,
+                         task="classify", tokenizer=None, end_of_text_id=None)
 IDS = ["5 17 33", "1 2 3 4"]
 
 
@@ -451,7 +453,7 @@ def garbage_in_keras_file(files: Path) -> None:
     ("empty stdin", "stdin has no text to classify (empty)"),
     ("truncated file", "model/artifacts/model.keras is corrupt"),
     ("not a zip", "model/artifacts/model.keras is corrupt"),
-    ("older format", "the model was saved by fp8exp 0.0.9 in model format 0; this fp8exp reads format 1"),
+    ("older format", "the model was saved by fp8exp 0.0.9 in model format 0; this fp8exp reads formats 1, 2"),
 ])
 def test_predict_bad_input_is_one_line_and_exit_2(store, runs, tmp_path, capsys, case, message):
     run_id, args, stdin = runs["float8"], [], io.StringIO("")
@@ -492,7 +494,8 @@ def test_help_and_argument_errors_are_fast_and_import_no_keras():
     assert result.stderr.splitlines() == [
         "fp8exp.predict: error: run_id is required: the MLflow run whose model to use (fp8exp prints it after each run), "
         "or model_id=: its LoggedModel's id",
-        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, model_id, text, file, tracking.uri, format"]
+        "fp8exp.predict: error: unknown setting 'colour'; valid keys: run_id, model_id, text, file, tracking.uri, format, "
+        "max_new_tokens, sampler, top_k, seed"]
 
 
 # ---------------------------------------------------------------- mlflow.pyfunc.load_model
@@ -534,6 +537,12 @@ def test_a_saved_model_loads_and_predicts_without_fp8exp(store, runs, tmp_path):
     modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     modules += ["." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert "mlflow.pyfunc" in modules and not [m for m in modules if m.split(".")[0] in ("fp8exp", "")], modules
+    shipped = [ast.parse(path.read_text()) for path in (current / "code").rglob("*.py")]  # textmodel/, pooling.py
+    assert len(shipped) > 2 and not [node.module for tree in shipped for node in ast.walk(tree)
+                                     if isinstance(node, ast.ImportFrom) and not node.level
+                                     and (node.module or "").split(".")[0] == "fp8exp"]
+    assert not [alias.name for tree in shipped for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names if alias.name.split(".")[0] == "fp8exp"]
 
     older = tmp_path / "older"
     shutil.copytree(current, older)
@@ -545,7 +554,8 @@ def test_a_saved_model_loads_and_predicts_without_fp8exp(store, runs, tmp_path):
               "import mlflow.pyfunc\n"
               "for path in sys.argv[1:]:\n"
               "    print(list(mlflow.pyfunc.load_model(path).predict([" + repr(TEXTS[0]) + "])['label']))\n"
-              "assert sys.modules['fp8exp'] is None and not [m for m in sys.modules if m.startswith('fp8exp.')]\n")
+              "assert sys.modules['fp8exp'] is None and not [m for m in sys.modules if m.startswith('fp8exp.')]\n"
+              "import keras; assert keras.backend.backend() == 'jax', keras.backend.backend()\n")
     environment = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}  # fp8exp sets it
     environment["MLFLOW_TRACKING_URI"] = uri(store)  # models:/ and runs:/ are looked up there
     sources = [str(current), str(older), f"models:/{model_id(store, runs['float8'])}", f"runs:/{runs['float8']}/model"]

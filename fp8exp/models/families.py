@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
 from fp8exp.config.checks import check_task, read_preset
+from fp8exp.models.pooling import POOLINGS, SequencePooling
 
 BACKBONES = {
     "gpt2": keras_hub.models.GPT2Backbone,
@@ -37,7 +38,6 @@ CAUSAL_LMS = {
     "llama": keras_hub.models.LlamaCausalLM,
     "gemma": keras_hub.models.GemmaCausalLM,
 }
-POOLINGS = ("last", "mean", "first")
 
 
 def build_backbone(model: DictConfig, vocabulary_size: int) -> keras_hub.models.Backbone:
@@ -90,35 +90,6 @@ def classifier_inputs(token_ids: np.ndarray, pad: int = 0) -> dict[str, np.ndarr
     """Padded ids (as task=classify prepares them) -> a family's inputs; the mask marks non-padding."""
     token_ids = np.asarray(token_ids, np.int32)
     return {"token_ids": token_ids, "padding_mask": token_ids != pad}
-
-
-@keras.saving.register_keras_serializable(package="fp8exp")
-class SequencePooling(keras.layers.Layer):
-    """One vector per example from (batch, length, hidden) states and their padding mask: `last`,
-    the state of the last non-padding token (what a causal decoder has read everything by; left or
-    right padding alike), `mean` over non-padding tokens, or `first` (the [CLS] position)."""
-
-    def __init__(self, mode: str = "last", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in POOLINGS:
-            raise ValueError(f"pooling {mode!r}; valid: {', '.join(POOLINGS)}")
-        self.mode = mode
-
-    def call(self, sequence, padding_mask):
-        ops = keras.ops
-        if self.mode == "first":
-            return sequence[:, 0, :]
-        mask = ops.cast(padding_mask, sequence.dtype)
-        if self.mode == "mean":
-            total = ops.sum(sequence * mask[:, :, None], axis=1)
-            return total / ops.maximum(ops.sum(mask, axis=1, keepdims=True), 1)
-        length = ops.shape(sequence)[1]
-        positions = ops.arange(length, dtype="int32")[None, :]
-        last = ops.max(ops.where(ops.cast(padding_mask, "bool"), positions, 0), axis=1)
-        return ops.sum(sequence * ops.one_hot(last, length, dtype=sequence.dtype)[:, :, None], axis=1)
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
 
 
 def build_classifier_head(backbone: keras_hub.models.Backbone, num_classes: int, pooling: str | None = None,

@@ -91,12 +91,12 @@ def parse_args(argv: list[str]) -> Settings:
 # ---------------------------------------------------------------- measuring
 
 
-def time_batches(model, x: np.ndarray, batch_sizes: list[int], seconds: float) -> dict[str, float]:
+def time_batches(classifier, x: np.ndarray, batch_sizes: list[int], seconds: float) -> dict[str, float]:
     """Median wall time of `predict_on_batch` per batch size (after one call that compiles); the
     call returns NumPy, so each interval includes finishing on the device and the copy back."""
-    metrics = {}
+    metrics, model = {}, classifier.model
     for size in batch_sizes:
-        batch = np.resize(x, (size, x.shape[1]))  # test examples, repeated if there are fewer
+        batch = classifier.model_inputs(np.resize(x, (size, x.shape[1])))  # test examples, repeated if fewer
         model.predict_on_batch(batch)
         times, deadline = [], time.perf_counter() + seconds
         while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 10000):
@@ -183,7 +183,10 @@ def bench_run(client, run, settings: Settings, scratch: Path, model_id: str | No
 
     located = locate.locate(None if model_id else run.info.run_id, settings.tracking_uri, scratch, model_id)
     directory, name = located.directory, located.name
-    locate.check_files(directory, name)
+    meta = locate.check_files(directory, name)
+    if meta["task"] != "classify":
+        raise UsageError(f"{name} is a language model (task={meta['task']}): infer_bench measures classifiers only; "
+                         "generate with python -m fp8exp.predict instead")
     precision = run.data.params.get("precision.name", "?")
     print(f"{PROG}: {run.info.run_name} ({precision}) ...", file=sys.stderr, flush=True)
     as_trained = variant(directory, AS_TRAINED)
@@ -192,7 +195,7 @@ def bench_run(client, run, settings: Settings, scratch: Path, model_id: str | No
 
     metrics = {"infer/test_examples": float(len(y_test))}
     metrics[f"infer/{AS_TRAINED}/accuracy"] = accuracy(as_trained, x_test, y_test)
-    metrics.update(time_batches(as_trained.model, x_test, settings.batch_sizes, settings.seconds))
+    metrics.update(time_batches(as_trained, x_test, settings.batch_sizes, settings.seconds))
     if precision != FP8:
         calibration = splits.x_train[:settings.calibration_examples]
         for name_ in PTQ_VARIANTS:

@@ -55,7 +55,7 @@ def locate(run_id: str | None, tracking_uri: str | None, scratch: Path, model_id
 
 def run_model(client, run):
     """The run's newest READY LoggedModel named `model`, or None (a plain artifact, no model)."""
-    from fp8exp.serve import pyfunc as serving
+    from fp8exp.serve import textmodel as serving
 
     models = client.search_logged_models(  # (a filter on status finds nothing in MLflow 3.17's SQL store)
         experiment_ids=[run.info.experiment_id],
@@ -84,7 +84,7 @@ def _artifact_files(client, run, scratch: Path, name: str) -> Path:
     """A run's plain artifact `model/` (runs saved offline or by fp8exp before LoggedModels)."""
     import mlflow.artifacts
 
-    from fp8exp.serve import pyfunc as serving
+    from fp8exp.serve import textmodel as serving
     from fp8exp.tracking.store import local_path
 
     where = f"{run.info.artifact_uri.rstrip('/')}/{serving.ARTIFACT_PATH}"
@@ -115,7 +115,7 @@ def check_files(directory: Path, name: str) -> dict:
     """Metadata and the model file's outline, before Keras loads (and TensorFlow starts)."""
     import zipfile
 
-    from fp8exp.serve import pyfunc as serving
+    from fp8exp.serve import textmodel as serving
 
     files = directory / "artifacts"
     try:
@@ -138,13 +138,20 @@ def check_files(directory: Path, name: str) -> dict:
 
 
 def load(run_id: str | None, tracking_uri: str | None, scratch: Path, model_id: str | None = None):
-    """(TextClassifier, model description); UsageError for anything a user can fix."""
+    """(TextClassifier or TextGenerator, model description); UsageError for anything a user can fix."""
     directory, name = model_dir(run_id, tracking_uri, scratch, model_id)
     check_files(directory, name)
+    return load_directory(directory, name), name
+
+
+def load_directory(directory: Path, name: str):
+    """The saved model in `directory` (checked by check_files), with fp8exp's own pooling layer
+    registered (a family classifier's config names it), as the pyfunc model imports its shipped copy."""
     import fp8exp  # noqa: F401  (the Keras backend)
-    from fp8exp.serve import pyfunc as serving
+    from fp8exp.models import pooling  # noqa: F401  (registers fp8exp>SequencePooling)
+    from fp8exp.serve import textmodel as serving
 
     try:
-        return serving.TextClassifier.load(directory), name
+        return serving.load(directory)
     except serving.ModelFileError as error:
         raise UsageError(f"{name}: {error}".replace(str(directory), "model")) from None

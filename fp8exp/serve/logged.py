@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import logging
 
-from fp8exp.serve.pyfunc import ARTIFACT_PATH
+from fp8exp.serve.textmodel.files import ARTIFACT_PATH
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = ARTIFACT_PATH
-MODEL_TYPE = "fp8exp-text-classifier"
+MODEL_TYPES = {"classify": "fp8exp-text-classifier", "causal_lm": "fp8exp-language-model"}
 MODEL_METRICS = ("test/", "perf/step_time_ms", "perf/examples_per_s", "perf/tokens_per_s")
 
 
 def model_tags(meta: dict) -> dict[str, str]:
     """A LoggedModel's tags: its precision and what fp8exp_model.json says, to compare at a glance."""
-    return {"precision": meta["precision"], "fp8exp.input": meta["input"],
+    return {"precision": meta["precision"], "fp8exp.task": meta["task"], "fp8exp.input": meta["input"],
             "fp8exp.class_names": ", ".join(meta["class_names"]),
             "fp8exp.sequence_length": str(meta["sequence_length"]),
             "fp8exp.quantized_layers": str(len(meta["quantized_layers"])),
@@ -38,7 +38,7 @@ def create_logged_model(run, cfg, meta: dict):
         params = run.journal.params or created.data.params  # a resumed run logged none in this process
         model = run.client.create_logged_model(
             created.info.experiment_id, name=MODEL_NAME, source_run_id=run.run_id, tags=model_tags(meta),
-            params=dict(params), model_type=MODEL_TYPE)
+            params=dict(params), model_type=MODEL_TYPES[meta["task"]])
     except Exception as error:  # noqa: BLE001  (a model is not worth failing a trained run)
         first = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
         return None, f"the tracking store {run.uri} could not create it: {first}"

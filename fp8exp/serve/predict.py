@@ -1,26 +1,41 @@
-"""`python -m fp8exp.predict run_id=RUN_ID text="..."`: classify texts with the model a run saved.
+"""`python -m fp8exp.predict run_id=RUN_ID text="..."`: classify texts with the model a run saved,
+or continue them with a language model (task=causal_lm).
 
     python -m fp8exp.predict run_id=0c5e... text="a wonderful film"
     python -m fp8exp.predict model_id=m-4f1a... text="a wonderful film"  # a LoggedModel (Models tab)
     python -m fp8exp.predict run_id=0c5e... file=reviews.txt          # one text per line
     cat reviews.txt | python -m fp8exp.predict run_id=0c5e...         # stdin (or file=-)
     python -m fp8exp.predict run_id=0c5e... file=a.txt file=- format=jsonl
+    python -m fp8exp.predict run_id=LM_RUN text="the dress is" max_new_tokens=20 sampler=top_k top_k=10 seed=1
 
-Prints one line per input: label, probability of that label and the text (tab-separated), or
-JSON lines with every class's probability (format=jsonl). The model runs in inference mode
-(training=False): FP8 scales stay as trained, nothing is calibrated. Inputs longer than the
-model's sequence length are truncated, and a note says how many. A run on synthetic data has
-no tokenizer: give token ids separated by spaces ("5 17 33").
+A classifier prints one line per input: label, probability of that label and the text
+(tab-separated), or JSON lines with every class's probability (format=jsonl). Inputs longer than
+the model's sequence length are truncated, and a note says how many.
+
+A language model prints one line per input: the continuation (tabs, newlines and backslashes
+written \\t, \\n, \\\\) and the text, tab-separated; or JSON lines with the continuation as
+it is, its new tokens and whether it reached the end-of-text token (format=jsonl). Each text is
+read as the start of a document; one too long to leave room for max_new_tokens keeps its last
+tokens, and a note says so. The MLflow pyfunc model generates the same (greedy: the same text).
+
+The model runs in inference mode (training=False): FP8 scales stay as trained, nothing is
+calibrated. A run on synthetic data has no tokenizer: give token ids separated by spaces
+("5 17 33"); a language model's continuation is token ids too.
 
 Settings (key=value):
   run_id        the MLflow run whose model to use (printed at the end of every run): its LoggedModel
                 `model`, or its artifact `model/` (runs saved offline, or before fp8exp logged models)
   model_id      or the model itself: a LoggedModel's id (`models:/<model_id>`, the Models tab)
-  text          a text to classify (repeatable)
+  text          a text to classify or continue (repeatable)
   file          a file with one text per line, `-` for stdin (repeatable); blank lines are skipped
   tracking.uri  the MLflow store, the runner's key (default: sqlite:///<current dir>/mlflow.db, as
                 fp8exp uses; `tracking_uri` is accepted too)
   format        tsv (default) | jsonl
+Language models only:
+  max_new_tokens  tokens to generate at most (default 32); it stops earlier at the end-of-text token
+  sampler         greedy (default: the most likely token) | top_k (one of the top_k most likely)
+  top_k           sampler=top_k: how many tokens to sample from (default 5)
+  seed            sampler=top_k: the random seed (a whole number; default: a new one each call)
 """
 
 from __future__ import annotations
@@ -30,11 +45,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fp8exp.serve.locate import load
-from fp8exp.serve.settings import UsageError, parse_settings
+from fp8exp.serve.locate import check_files, load_directory, model_dir
+from fp8exp.serve.settings import UsageError, number, parse_settings
 
 PROG = "fp8exp.predict"
-KEYS = ("run_id", "model_id", "text", "file", "tracking.uri", "format")
+GENERATION = ("max_new_tokens", "sampler", "top_k", "seed")
+KEYS = ("run_id", "model_id", "text", "file", "tracking.uri", "format", *GENERATION)
 REPEATABLE = ("text", "file")
 FORMATS = ("tsv", "jsonl")
 ECHO_CHARS = 60
@@ -47,6 +63,8 @@ class Args:
     texts: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     format: str = "tsv"
+    generation: dict = field(default_factory=dict)
+    """The generation settings given (language models only), parsed."""
 
 
 def read_lines(name: str, stdin) -> list[str]:
@@ -82,9 +100,10 @@ def parse_args(argv: list[str], stdin=None) -> Args:
     if args.format not in FORMATS:
         raise UsageError(f"format: got {args.format!r}; valid: {', '.join(FORMATS)}")
 
+    args.generation = parse_generation(settings)
     for text in settings.get("text", []):
         if not text.strip():
-            raise UsageError("text is empty; give the text to classify, e.g. text=\"a wonderful film\"")
+            raise UsageError("text is empty; give the text to classify or continue, e.g. text=\"a wonderful film\"")
         args.texts.append(text)
     files = settings.get("file", [])
     if not settings.get("text") and not files:
@@ -99,7 +118,35 @@ def parse_args(argv: list[str], stdin=None) -> Args:
     return args
 
 
-# ---------------------------------------------------------------- the run's model
+def parse_generation(settings: dict[str, list[str]]) -> dict:
+    """The generation settings given, as values (what the model allows is checked once it is known)."""
+    from fp8exp.serve.textmodel import SAMPLERS  # (NumPy, not Keras)
+
+    given = {key: settings[key][0].strip() for key in GENERATION if key in settings}
+    if given.get("sampler", SAMPLERS[0]) not in SAMPLERS:
+        raise UsageError(f"sampler: got {given['sampler']!r}; valid: {', '.join(SAMPLERS)}")
+    for key in ("top_k", "seed"):
+        if key in given and given.get("sampler") != "top_k":
+            raise UsageError(f"{key}: only with sampler=top_k (sampler=greedy always takes the most likely token)")
+    for key, minimum in (("max_new_tokens", 1), ("top_k", 1), ("seed", 0)):
+        if key in given:
+            given[key] = number(key, given[key], int, minimum)
+    return given
+
+
+def check_generation(meta: dict, args: Args, name: str):
+    """The checked generation settings for a language model, None for a classifier (which takes none)."""
+    from fp8exp.serve import textmodel
+
+    if meta["task"] != "causal_lm":
+        if args.generation:
+            raise UsageError(f"{next(iter(args.generation))}: {name} is a classifier (task={meta['task']}); "
+                             f"{', '.join(GENERATION)} are for language models (task=causal_lm)")
+        return None
+    try:
+        return textmodel.check_settings(meta, **args.generation)
+    except textmodel.InputError as error:
+        raise UsageError(str(error)) from None
 
 
 # ---------------------------------------------------------------- output
@@ -121,6 +168,19 @@ def write(predictions, texts: list[str], class_names: list[str], fmt: str, out) 
             out.write(f"{label}\t{probability:.4f}\t{one_line(text)}\n")
 
 
+def escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def write_generated(generation, texts: list[str], fmt: str, out) -> None:
+    for text, generated, ids, ended in zip(texts, generation.texts, generation.token_ids, generation.ended):
+        if fmt == "jsonl":
+            out.write(json.dumps({"text": text, "generated": generated, "new_tokens": len(ids),
+                                  "end_of_text": ended}) + "\n")
+        else:
+            out.write(f"{escape(generated)}\t{one_line(text)}\n")
+
+
 def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = out or sys.stdout
@@ -132,20 +192,29 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="fp8exp-predict-") as scratch:
-            classifier, name = load(args.run_id or None, args.tracking_uri, Path(scratch), args.model_id or None)
-            from fp8exp.serve.pyfunc import InputError
+            directory, name = model_dir(args.run_id or None, args.tracking_uri, Path(scratch), args.model_id or None)
+            generation = check_generation(check_files(directory, name), args, name)
+            model = load_directory(directory, name)
+            from fp8exp.serve.textmodel import InputError
 
             try:
-                predictions = classifier.classify(args.texts)
+                result = model.generate(args.texts, generation) if generation else model.classify(args.texts)
             except InputError as error:
                 raise UsageError(str(error)) from None
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    write(predictions, args.texts, classifier.class_names, args.format, out)
-    if predictions.truncated:
-        print(f"{PROG}: note: {predictions.truncated} of {len(args.texts)} inputs were longer than the model's "
-              f"{classifier.sequence_length} tokens and were truncated", file=sys.stderr)
+    if generation:
+        write_generated(result, args.texts, args.format, out)
+        if result.truncated:
+            print(f"{PROG}: note: {result.truncated} of {len(args.texts)} texts were longer than the model's "
+                  f"{model.max_length} tokens less max_new_tokens={generation.max_new_tokens} and kept their last "
+                  f"{model.max_length - generation.max_new_tokens}", file=sys.stderr)
+        return 0
+    write(result, args.texts, model.class_names, args.format, out)
+    if result.truncated:
+        print(f"{PROG}: note: {result.truncated} of {len(args.texts)} inputs were longer than the model's "
+              f"{model.sequence_length} tokens and were truncated", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,8 @@
-"""Save a trained model: the `.keras` file without optimizer state, its vocabulary and metadata, as
-an MLflow pyfunc model whose code is serve/pyfunc.py, logged as the run's MLflow LoggedModel named
-`model` (see log_model), or as the run's plain artifact `model/` when the store cannot take one."""
+"""Save a trained model: the `.keras` file without optimizer state, its tokenizer files and metadata, as
+an MLflow pyfunc model whose code is serve/pyfunc.py with serve/textmodel/ and models/pooling.py beside
+it, logged as the run's MLflow LoggedModel named `model` (see log_model), or as the run's plain artifact
+`model/` when the store cannot take one. Classifiers (the reference one and the keras-hub families')
+and language models (task=causal_lm) alike; textmodel/__init__.py lists the files."""
 
 from __future__ import annotations
 
@@ -9,20 +11,18 @@ import logging
 import os
 from pathlib import Path
 
-from fp8exp.serve import logged, pyfunc
-from fp8exp.serve.pyfunc import (
+from fp8exp.models import pooling
+from fp8exp.serve import logged, pyfunc, textmodel
+from fp8exp.serve.textmodel import (
     ARTIFACT_PATH,
     FORMAT,
     KERAS_FILE,
     META_FILE,
-    VOCABULARY_FILE,
+    TOKENIZER_FILES,
 )
 from fp8exp.tracking.offline import MODEL_ID_TAG
 
 log = logging.getLogger(__name__)
-
-"""The LoggedModel's name: `runs:/<run_id>/model` resolves to the run's LoggedModel of that name."""
-"""The run's final metrics (prefixes) that the LoggedModel gets too (the Models tab's columns)."""
 
 
 def quantized_layers(net) -> dict[str, dict]:
@@ -35,57 +35,86 @@ def quantized_layers(net) -> dict[str, dict]:
 
 
 def describe(net, *, precision: str, class_names: list[str], sequence_length: int, lowercase: bool,
-             vocabulary_size: int, has_vocabulary: bool, fp8exp_version: str, run_id: str | None = None) -> dict:
-    """The metadata `fp8exp_model.json` holds."""
+             vocabulary_size: int, has_vocabulary: bool, fp8exp_version: str, run_id: str | None = None,
+             task: str = "classify", tokenizer: str | None = None, end_of_text_id: int | None = None,
+             max_length: int | None = None, special_tokens: list[str] | None = None) -> dict:
+    """The metadata `fp8exp_model.json` holds. `tokenizer`: wordpiece (the default for a model with
+    a vocabulary) | bpe | None (token ids). Language models: `end_of_text_id` (generation stops
+    there; every prompt starts after it) and `max_length` (prompt and continuation together)."""
     from importlib import metadata
 
+    tokenizer = (tokenizer or "wordpiece") if has_vocabulary else None
     return {
         "format": FORMAT,
         "fp8exp_version": fp8exp_version,
         "keras_version": metadata.version("keras"),
         "keras_hub_version": metadata.version("keras-hub"),
         "run_id": run_id,
+        "task": task,
+        "model_class": type(net).__name__,
+        "keras_inputs": textmodel.files.IDS_AND_MASK if isinstance(net.input, dict) else "token_ids",
         "precision": precision,
+        "dtype_policy": net.dtype_policy.name,
         "class_names": list(class_names),
         "sequence_length": int(sequence_length),
+        "max_length": int(max_length or sequence_length),
+        "end_of_text_id": None if end_of_text_id is None else int(end_of_text_id),
         "lowercase": bool(lowercase),
         "vocabulary_size": int(vocabulary_size),
         "input": "text" if has_vocabulary else "token_ids",
+        "tokenizer": tokenizer,
+        "tokenizer_files": sorted(TOKENIZER_FILES.get(tokenizer, {}).values()),
+        "special_tokens": list(special_tokens or []),
         "quantized_layers": quantized_layers(net),
     }
 
 
 def save_keras(net, path: Path) -> None:
-    """The model without optimizer state (a third of the size with Adam): an uncompiled functional
-    model over the same layers, so the same variables, paths and config."""
+    """The model without optimizer state (a third of the size with Adam), over the same layers, so
+    the same variables, paths and config: a classifier as an uncompiled functional model; a keras-hub
+    CausalLM as a new one of its class on the same backbone (generation needs the class)."""
     import keras
+    import keras_hub
 
-    keras.Model(net.inputs, net.outputs, name=net.name).save(path)
+    if isinstance(net, keras_hub.models.CausalLM):
+        type(net)(backbone=net.backbone, preprocessor=None).save(path)
+        return
+    inputs = net.input if isinstance(net.input, dict) else net.inputs  # a family's {"token_ids", "padding_mask"}
+    keras.Model(inputs, net.outputs, name=net.name).save(path)
 
 
 def pip_requirements() -> list[str]:
     """What serving imports, pinned to this environment's versions (skips MLflow's inference,
-    which loads the model in a subprocess)."""
+    which loads the model in a subprocess); `tokenizers` runs keras-hub's BPE."""
     from importlib import metadata
 
-    names = ["mlflow", "keras", "keras-hub", "jax", "jaxlib", "numpy", "pandas", "tensorflow-text", "tensorflow"]
+    names = ["mlflow", "keras", "keras-hub", "jax", "jaxlib", "numpy", "pandas", "tensorflow-text", "tensorflow",
+             "tokenizers"]
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 
-def signature():
-    """Outputs only. Any input schema makes MLflow refuse some accepted shape before pyfunc.py sees
-    it: a column `text` refuses lists, strings and arrays; an unnamed column, {"inputs": {"text": [...]}}
-    over HTTP; and a dict {"text": [a, b]} becomes one row holding the list. pyfunc.input_texts
-    checks the input instead."""
+def signature(meta: dict | None = None):
+    """Outputs and, for a language model, the generation params. No input schema: any makes MLflow
+    refuse some accepted shape before pyfunc.py sees it: a column `text` refuses lists, strings and
+    arrays; an unnamed column, {"inputs": {"text": [...]}} over HTTP; and a dict {"text": [a, b]}
+    becomes one row holding the list. textmodel.input_texts checks the input instead."""
+    from dataclasses import fields
+
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+    if meta is None or meta["task"] == "classify":
+        return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+    kinds = {"max_new_tokens": "long", "sampler": "string", "top_k": "long", "seed": "long"}
+    params = ParamSchema([ParamSpec(field.name, kinds[field.name], field.default)
+                          for field in fields(textmodel.Settings)])
+    return ModelSignature(outputs=Schema([ColSpec("string", "generated")]), params=params)
 
 
-def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None, mlflow_model=None) -> Path:
+def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | None, mlflow_model=None, *,
+                      merges: list[str] | None = None) -> Path:
     """Write the MLflow model directory `directory` (must not exist); returns it. `mlflow_model`: an
-    `mlflow.models.Model` carrying a LoggedModel's ids into MLmodel."""
+    `mlflow.models.Model` carrying a LoggedModel's ids into MLmodel. `merges`: a BPE tokenizer's."""
     import logging
     import tempfile
     import warnings
@@ -103,12 +132,16 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
             save_keras(net, staging / KERAS_FILE)
             (staging / META_FILE).write_text(json.dumps(meta, indent=1))
             artifacts = {"keras_model": str(staging / KERAS_FILE), "meta": str(staging / META_FILE)}
-            if vocabulary is not None:
-                (staging / VOCABULARY_FILE).write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
-                artifacts["vocabulary"] = str(staging / VOCABULARY_FILE)
+            for name, lines in (("vocabulary", vocabulary), ("merges", merges)):
+                if lines is not None:  # one per "\n"-ended line
+                    (staging / TOKENIZER_FILES["bpe"][name]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+                    artifacts[name] = str(staging / TOKENIZER_FILES["bpe"][name])
+            # The serving code MLflow puts on sys.path for pyfunc.py: the package, and the pooling layer
+            # a family classifier's config names.
+            code_paths = [str(Path(textmodel.__file__).parent), pooling.__file__]
             mlflow.pyfunc.save_model(str(directory), python_model=pyfunc.__file__, artifacts=artifacts,
-                                     signature=signature(), pip_requirements=pip_requirements(),
-                                     mlflow_model=mlflow_model)
+                                     code_paths=code_paths, signature=signature(meta),
+                                     pip_requirements=pip_requirements(), mlflow_model=mlflow_model)
         finally:
             quiet.setLevel(level)
             if progress is None:
@@ -116,6 +149,23 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
             else:
                 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = progress
     return directory
+
+
+def describe_run(net, splits, cfg, fp8exp_version: str, run_id: str | None) -> dict:
+    """describe() for a run's model and data: a language model's end-of-text id and maximum length
+    (its backbone's position table, else the model config's max_sequence_length); BPE's special token."""
+    from fp8exp.data import bpe
+
+    max_length = None
+    if splits.task == "causal_lm":
+        backbone = getattr(net, "backbone", None)
+        max_length = getattr(backbone, "max_sequence_length", None) or cfg.model.get("max_sequence_length")
+    return describe(net, precision=cfg.precision.name, class_names=splits.class_names,
+                    sequence_length=splits.sequence_length, lowercase=bool(cfg.data.get("lowercase", False)),
+                    vocabulary_size=splits.vocabulary_size, has_vocabulary=splits.vocabulary is not None,
+                    fp8exp_version=fp8exp_version, run_id=run_id, task=splits.task, tokenizer=splits.tokenizer,
+                    end_of_text_id=splits.end_of_text_id, max_length=max_length,
+                    special_tokens=[bpe.END_OF_TEXT] if splits.tokenizer == "bpe" else None)
 
 
 def log_model(run, net, splits, cfg, staging: Path) -> str | None:
@@ -136,10 +186,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
 
     if run.run_id is None:
         return None
-    meta = describe(net, precision=cfg.precision.name, class_names=splits.class_names,
-                    sequence_length=splits.sequence_length, lowercase=bool(cfg.data.get("lowercase", False)),
-                    vocabulary_size=splits.vocabulary_size, has_vocabulary=splits.vocabulary is not None,
-                    fp8exp_version=__version__, run_id=run.run_id)
+    meta = describe_run(net, splits, cfg, __version__, run.run_id)
     register = cfg.tracking.get("register_model") or None
     run.flush()  # the final metrics first: the LoggedModel's are the same values
     model, why = logged.create_logged_model(run, cfg, meta)
@@ -172,10 +219,10 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
     try:
         if local is not None:
             shutil.rmtree(local, ignore_errors=True)
-            directory = save_mlflow_model(local, net, meta, splits.vocabulary, mlflow_model)
+            directory = save_mlflow_model(local, net, meta, splits.vocabulary, mlflow_model, merges=splits.merges)
         else:
             directory = save_mlflow_model(Path(staging) / f"{ARTIFACT_PATH}-{model_id}", net, meta,
-                                          splits.vocabulary, mlflow_model)
+                                          splits.vocabulary, mlflow_model, merges=splits.merges)
     except BaseException:
         _quietly(lambda: client.finalize_logged_model(model_id, LoggedModelStatus.FAILED))
         raise
@@ -228,11 +275,12 @@ def log_artifact_model(run, net, splits, meta: dict, staging: Path) -> None:
     if local is not None:
         target = Path(local) / ARTIFACT_PATH
         shutil.rmtree(target, ignore_errors=True)  # a resumed run saves again
-        save_mlflow_model(target, net, meta, splits.vocabulary)
+        save_mlflow_model(target, net, meta, splits.vocabulary, merges=splits.merges)
     else:
         directory = Path(staging) / ARTIFACT_PATH
         shutil.rmtree(directory, ignore_errors=True)
-        run.log_artifacts(save_mlflow_model(directory, net, meta, splits.vocabulary), ARTIFACT_PATH)
+        run.log_artifacts(save_mlflow_model(directory, net, meta, splits.vocabulary, merges=splits.merges),
+                          ARTIFACT_PATH)
 
 
 def _queue(run, key: str, call) -> None:
