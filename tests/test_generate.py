@@ -247,7 +247,7 @@ def test_predict_continues_texts_with_a_trained_language_model_as_the_pyfunc_mod
     meta = json.loads((located.directory / "artifacts" / "fp8exp_model.json").read_text())
     assert meta["task"] == "causal_lm" and meta["tokenizer"] == "bpe" and meta["model_class"] == "GPT2CausalLM"
     assert meta["tokenizer_files"] == ["merges.txt", "vocabulary.txt"] and meta["special_tokens"] == [bpe.END_OF_TEXT]
-    assert meta["end_of_text_id"] == meta["vocabulary_size"] - 1 and meta["max_length"] == 256  # the position table
+    assert meta["end_of_text_id"] == meta["vocabulary_size"] - 1 and meta["max_length"] == LENGTH  # the trained window
     assert meta["sequence_length"] == LENGTH and meta["quantized_layers"]
     model = MlflowClient(uri).get_logged_model(located.model_id)
     assert model.model_type == logged.MODEL_TYPES["causal_lm"] and model.tags["fp8exp.task"] == "causal_lm"
@@ -282,8 +282,8 @@ def test_generation_settings_are_checked_before_anything_loads(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["max_new_tokens=256"], "max_new_tokens: got 256; valid: a whole number from 1 to 255 (the model's maximum "
-                             "length 256, prompt included, less one prompt token)"),
+    ([f"max_new_tokens={LENGTH}"], f"max_new_tokens: got {LENGTH}; valid: a whole number from 1 to {LENGTH - 1} "
+                                   f"(the model's maximum length {LENGTH}, prompt included, less one prompt token)"),
     (["sampler=top_k", "top_k=100000"], "top_k: got 100000; valid: a whole number from 1 to "),
     (["sampler=top_k", "seed=4294967296"], "seed: got 4294967296; valid: a whole number from 0 to 4294967295"),
     ("classifier", "max_new_tokens: run "),
@@ -304,3 +304,13 @@ def test_generation_settings_the_model_cannot_take_are_one_line_and_exit_2(lm_ru
     assert code == 2 and err.startswith("fp8exp.predict: error: ") and "\n" not in err and message in err, err
     if message.startswith("max_new_tokens: run"):
         assert "is a classifier (task=classify); max_new_tokens, sampler, top_k, seed are for language models" in err
+
+
+def test_a_bpe_without_merges_round_trips(tmp_path):
+    """data.vocabulary_size=257 (the bytes and <|endoftext|>) learns no merges: an empty file, read back as none."""
+    from fp8exp.serve.textmodel.files import read_lines
+
+    (tmp_path / "merges.txt").write_text("")
+    (tmp_path / "two.txt").write_text("a b\nc d\n")
+    assert read_lines(tmp_path / "merges.txt", "merges") == []
+    assert read_lines(tmp_path / "two.txt", "merges") == ["a b", "c d"]

@@ -85,10 +85,13 @@ def test_a_runs_params_tags_and_config_mask_url_credentials(tmp_path):
         assert secret not in everything
 
 
-def test_key_is_a_secret_as_the_last_word_only():
+def test_key_marks_a_secret_except_attention_s_key_value_and_key_dim():
     from fp8exp.tracking.redact import is_secret_name
 
-    for secret in ("api_key", "AWS_SECRET_ACCESS_KEY", "key", "tracking.private_key", "encryptionKey"):
+    for secret in ("api_key", "AWS_SECRET_ACCESS_KEY", "key", "tracking.private_key", "encryptionKey",
+                   "aws_access_key_id", "AWS_ACCESS_KEY_ID", "private_key_path", "api_key_1", "key_file", "key_id",
+                   "client_key_data", "apiKeyId", "X-Api-Key", "ssh_key"):
         assert is_secret_name(secret), secret
-    for harmless in ("model.num_key_value_heads", "key_value_heads", "monkey", "hydra.job.override_dirname"):
+    for harmless in ("model.num_key_value_heads", "key_value_heads", "model.key_dim", "monkey",
+                     "hydra.job.override_dirname"):
         assert not is_secret_name(harmless), harmless

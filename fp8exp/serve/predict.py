@@ -32,7 +32,7 @@ Settings (key=value):
                 fp8exp uses; `tracking_uri` is accepted too)
   format        tsv (default) | jsonl
 Language models only:
-  max_new_tokens  tokens to generate at most (default 32); it stops earlier at the end-of-text token
+  max_new_tokens  tokens to generate at most (default 32, or fewer to fit the trained window); it stops earlier at the end-of-text token
   sampler         greedy (default: the most likely token) | top_k (one of the top_k most likely)
   top_k           sampler=top_k: how many tokens to sample from (default 5)
   seed            sampler=top_k: the random seed (a whole number; default: a new one each call)

@@ -19,7 +19,7 @@ row 2: text is empty; ...", a 400 when served.
   inputs are truncated to the model's sequence length.
 - A language model (task=causal_lm) answers a DataFrame with the continuation of each text,
   `generated`. MLflow params (declared in the signature, so `mlflow models serve` takes
-  {"params": {...}} beside the input): `max_new_tokens` (32), `sampler` (greedy | top_k),
+  {"params": {...}} beside the input): `max_new_tokens` (32, or fewer to fit the trained window), `sampler` (greedy | top_k),
   `top_k` (5) and `seed` (none: random); a bad value is a 400 naming it. Greedy gives what
   `python -m fp8exp.predict` prints for the same model and text.
 """

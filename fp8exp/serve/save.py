@@ -134,7 +134,8 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
             artifacts = {"keras_model": str(staging / KERAS_FILE), "meta": str(staging / META_FILE)}
             for name, lines in (("vocabulary", vocabulary), ("merges", merges)):
                 if lines is not None:  # one per "\n"-ended line
-                    (staging / TOKENIZER_FILES["bpe"][name]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+                    (staging / TOKENIZER_FILES["bpe"][name]).write_text("".join(f"{line}\n" for line in lines),
+                                                                         encoding="utf-8")
                     artifacts[name] = str(staging / TOKENIZER_FILES["bpe"][name])
             # The serving code MLflow puts on sys.path for pyfunc.py: the package, and the pooling layer
             # a family classifier's config names.
@@ -153,13 +154,12 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
 
 def describe_run(net, splits, cfg, fp8exp_version: str, run_id: str | None) -> dict:
     """describe() for a run's model and data: a language model's end-of-text id and maximum length
-    (its backbone's position table, else the model config's max_sequence_length); BPE's special token."""
+    (the trained window); BPE's special token."""
     from fp8exp.data import bpe
 
-    max_length = None
-    if splits.task == "causal_lm":
-        backbone = getattr(net, "backbone", None)
-        max_length = getattr(backbone, "max_sequence_length", None) or cfg.model.get("max_sequence_length")
+    # Prompt and continuation stay within the positions training used (data.sequence_length): GPT-2's
+    # position rows beyond it were never trained, and rotary models would extrapolate.
+    max_length = splits.sequence_length if splits.task == "causal_lm" else None
     return describe(net, precision=cfg.precision.name, class_names=splits.class_names,
                     sequence_length=splits.sequence_length, lowercase=bool(cfg.data.get("lowercase", False)),
                     vocabulary_size=splits.vocabulary_size, has_vocabulary=splits.vocabulary is not None,

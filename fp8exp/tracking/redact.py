@@ -14,12 +14,12 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 MASK = "***"
 # Words that make a config key (its last dotted part), an environment variable name or a URL query key
 # a credential: MLFLOW_TRACKING_PASSWORD, HF_TOKEN, AWS_SECRET_ACCESS_KEY, api_key, X-Amz-Signature, sig;
-# not signal_tokens or tokenizer. "key" only as the last word (api_key, AWS_SECRET_ACCESS_KEY): model sizes
-# such as num_key_value_heads are not secrets.
-SECRET_WORDS = {"token", "secret", "secrets", "credential", "credentials", "apikey", "accesskey",
+# not signal_tokens or tokenizer, nor attention's key_value / key_dim (model.num_key_value_heads).
+SECRET_WORDS = {"token", "secret", "secrets", "credential", "credentials", "key", "apikey", "accesskey",
                 "privatekey", "signature", "sig"}
+HARMLESS_KEY = re.compile(r"key_(?=value|dim)")  # attention's key, not a credential
 SECRET_ENDINGS = ("password", "passwd", "passphrase")  # also inside a word: PGPASSWORD
-SECRET_LAST_WORDS = {"auth", "pwd", "pass", "key"}  # REDISCLI_AUTH, MYSQL_PWD, SMTP_PASS; not SSH_AUTH_SOCK
+SECRET_LAST_WORDS = {"auth", "pwd", "pass"}  # REDISCLI_AUTH, MYSQL_PWD, SMTP_PASS; not SSH_AUTH_SOCK
 WORKING_DIRECTORIES = {"PWD", "OLDPWD"}  # the shell's, not passwords
 MIN_SECRET_CHARS = 6  # shorter environment values ("1", "true") would mask ordinary text
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,;:!?)\]}]")  # not the full stop after it
@@ -28,7 +28,7 @@ OVERRIDE = re.compile(r"(?P<key>[+~]*[\w.\-/]+)=(?P<value>\S+)")
 
 def is_secret_name(name: str) -> bool:
     name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name.rsplit(".", 1)[-1].lstrip("+~"))  # accessToken
-    words = re.split(r"[_\-\s]+", name.lower())
+    words = re.split(r"[_\-\s]+", HARMLESS_KEY.sub("kv", name.lower().replace("-", "_")))
     return words[-1] in SECRET_LAST_WORDS or any(w in SECRET_WORDS or w.endswith(SECRET_ENDINGS) for w in words)
 
 

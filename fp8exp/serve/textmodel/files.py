@@ -72,7 +72,8 @@ def read_lines(path, what: str, count: int | None = None) -> list[str]:
     """One entry per "\n"-ended line; not splitlines(): U+2028 and U+2029 can be inside tokens."""
     if path is None or not Path(path).is_file():
         raise ModelFileError(f"{Path(path).name if path else what} is missing: this model's tokenizer needs its {what}")
-    lines = Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n")
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.removesuffix("\n").split("\n") if text else []  # no merges: an empty file
     if count is not None and len(lines) != count:
         raise ModelFileError(f"{path} has {len(lines)} tokens, the model {count}: the files do not belong together")
     return lines

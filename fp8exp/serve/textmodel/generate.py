@@ -24,12 +24,15 @@ from .tokens import Tokens
 SAMPLERS = ("greedy", "top_k")
 SEEDS = 2**32
 BATCH = 64
+DEFAULT_NEW_TOKENS = 32
+MAX_SAMPLERS = 4  # compiled generate programs kept (one per sampler and top_k)
 """Prompts per generate call."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
+    """None = DEFAULT_NEW_TOKENS, or fewer when the model's maximum length leaves less room."""
     sampler: str = "greedy"
     top_k: int = 5
     """top_k only: how many of the most likely tokens to sample from."""
@@ -62,6 +65,8 @@ def check_settings(meta: dict, max_new_tokens: int = Settings.max_new_tokens, sa
     if sampler not in SAMPLERS:
         raise InputError(f"sampler: got {sampler!r}; valid: {', '.join(SAMPLERS)}")
     longest = meta["max_length"]
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_NEW_TOKENS, longest - 1)
     return Settings(
         whole("max_new_tokens", max_new_tokens, 1, longest - 1,
               f" (the model's maximum length {longest}, prompt included, less one prompt token)"),
@@ -102,7 +107,10 @@ class TextGenerator:
         new, ended = [], []
         for start in range(0, len(prompts), BATCH):
             batch = prompts[start:start + BATCH]
-            length = max(map(len, batch)) + settings.max_new_tokens
+            # Padded up to a power of two (within max_length): a handful of compiled programs serve
+            # every prompt length, at most twice the positions needed.
+            needed = max(map(len, batch)) + settings.max_new_tokens
+            length = min(self.max_length, 1 << (needed - 1).bit_length())
             token_ids = np.zeros((len(batch), length), np.int32)
             padding_mask = np.zeros((len(batch), length), bool)
             for row, prompt in enumerate(batch):
@@ -126,6 +134,8 @@ class TextGenerator:
 
         key = (settings.sampler, settings.top_k if settings.sampler == "top_k" else None)
         if key not in self._samplers:
+            if len(self._samplers) >= MAX_SAMPLERS:  # each holds a compiled program: keep the latest few
+                self._samplers.pop(next(iter(self._samplers)))
             sampler = keras_hub.samplers.TopKSampler(k=settings.top_k) if key[1] else keras_hub.samplers.GreedySampler()
             self.model.compile(sampler=sampler)
             self._samplers[key] = (self.model.sampler, self.model.make_generate_function())
