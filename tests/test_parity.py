@@ -280,3 +280,20 @@ def test_a_bad_sweep_threshold_stops_the_sweep_up_front(launcher, tmp_path, caps
     assert capsys.readouterr().err.strip().startswith(
         f"fp8exp: error: report.parity_threshold: got {float(value)}, expected a fraction in [0, 1), "
         "e.g. 0.0025 for 0.25% relative loss error (sweep job #0: ")
+
+
+def test_a_seed_that_diverged_makes_the_verdict_worse(uri, tmp_path, capsys):
+    """Seeds 0-3 agree within 0.1%, but float8 seed 4 failed non-finite: that, not the survivors, decides."""
+    final = losses([2.0] * 4, [2.001, 2.002, 2.001, 2.002])
+    parent = log_lm_sweep(uri, final)
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    failed = client.create_run(experiment, run_name="float8-llama_small-s4", tags={
+        "mlflow.parentRunId": parent, "failure.reason": "non_finite", "failure.step": "37"}).info.run_id
+    client.log_batch(failed, params=[Param(k, v) for k, v in lm_params(FP8, "llama_small", "4").items()])
+    client.set_terminated(failed, "FAILED")
+    assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "-> worse: diverged (non-finite) on seed 4 (threshold 0.25%)" in out
+    assert read_csv(tmp_path / "out" / "report.csv")[(FP8, "384")]["parity_verdict"] == \
+        "worse: diverged (non-finite) on seed 4"

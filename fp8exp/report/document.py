@@ -12,7 +12,7 @@ from fp8exp.report.plots import (
     plot_loss_parity,
     plot_step_time,
 )
-from fp8exp.report.rows import Row, build_rows
+from fp8exp.report.rows import Row, attach_diverged, build_rows
 from fp8exp.report.runs import BASELINE, ReportError, Source, slug
 from fp8exp.report.stats import MIN_SEEDS
 from fp8exp.report.tables import (
@@ -45,6 +45,7 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
         raise ReportError(f"{source.title} has no finished runs ({len(source.runs)} in all"
                           f"{': ' + statuses if statuses else ''}); nothing to compare")
     rows = build_rows(finished)
+    attach_diverged(rows, left_out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
     if not any(row.precision == BASELINE for row in rows):

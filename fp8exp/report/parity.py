@@ -67,6 +67,9 @@ class Parity:
     high: float | None = None
     only_here: tuple[str, ...] = ()
     only_baseline: tuple[str, ...] = ()
+    diverged: tuple[str, ...] = ()
+    """Seeds on which this configuration's run failed with a non-finite loss or FP8 scale: the
+    strongest evidence against parity, whatever the surviving seeds say."""
 
     @property
     def n(self) -> int:
@@ -74,6 +77,8 @@ class Parity:
 
     @property
     def verdict(self) -> str:
+        if self.diverged:
+            return f"{WORSE}: diverged (non-finite) on seed {', '.join(self.diverged)}"
         if not self.errors:
             return f"no seed in common with {BASELINE}: nothing to pair"
         if self.n < MIN_SEEDS:
@@ -93,7 +98,8 @@ class Parity:
 
 
 def loss_parity(rows: list[Row], threshold: float = PARITY_THRESHOLD) -> list[Parity]:
-    """A Parity for every causal_lm configuration with a mixed_bfloat16 one at its setting."""
+    """A Parity for every causal_lm configuration with a mixed_bfloat16 one at its setting; a
+    row's runs that diverged (Row.diverged) decide its verdict."""
     lm = [row for row in rows if is_lm(row)]
     baselines = {row.setting: row for row in lm if row.precision == BASELINE}
     found = []
@@ -105,7 +111,8 @@ def loss_parity(rows: list[Row], threshold: float = PARITY_THRESHOLD) -> list[Pa
         common = sorted(set(mine) & set(theirs), key=seed_order)
         parity = Parity(row, base, {s: mine[s] / theirs[s] - 1 for s in common}, threshold,
                         only_here=tuple(sorted(set(mine) - set(theirs), key=seed_order)),
-                        only_baseline=tuple(sorted(set(theirs) - set(mine), key=seed_order)))
+                        only_baseline=tuple(sorted(set(theirs) - set(mine), key=seed_order)),
+                        diverged=tuple(sorted({run.seed for run in row.diverged}, key=seed_order)))
         if parity.errors:
             parity.mean = float(np.mean(list(parity.errors.values())))
             if parity.n >= MIN_SEEDS:

@@ -21,6 +21,8 @@ class Row:
     """The other params that vary in the sweep (model.hidden_dim first), as (key, value)."""
     runs: list[RunData] = field(default_factory=list)
     superseded: list[RunData] = field(default_factory=list)
+    diverged: list[RunData] = field(default_factory=list)
+    """Runs of this configuration that failed with a non-finite loss or FP8 scale (attach_diverged)."""
     """Older runs of a seed in `runs`, left out of every number."""
     delta: Delta | None = None
     speedup: float | None = None
@@ -100,3 +102,16 @@ def build_rows(runs: list[RunData]) -> list[Row]:
         mine, theirs = row.median(STEP_MS), base.median(STEP_MS)
         row.speedup = theirs / mine if mine and theirs else None
     return rows
+
+
+def attach_diverged(rows: list[Row], runs: list[RunData]) -> None:
+    """Give each configuration the runs with its precision and setting that failed non-finite: a
+    diverged seed is evidence against FP8, not a run to leave out silently."""
+    for run in runs:
+        if run.status != "FAILED" or run.failure != "non_finite":
+            continue
+        for row in rows:
+            ours = row.runs[0].params
+            same_precision = all(run.params.get(k) == v for k, v in ours.items() if k.startswith("precision."))
+            if same_precision and all(run.params.get(key, "") == value for key, value in row.setting):
+                row.diverged.append(run)

@@ -32,6 +32,8 @@ class RunData:
     start_time: int = 0
     end_time: int | None = None
     """Milliseconds since the epoch, as MLflow keeps them: which of two reruns is the later."""
+    failure: str = ""
+    """The run's `failure.reason` tag (`non_finite`: the loss or an FP8 scale diverged)."""
 
     @property
     def seed(self) -> str:
@@ -51,7 +53,7 @@ class Source:
 def run_data(run) -> RunData:
     return RunData(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params),
                    dict(run.data.metrics), run.data.tags.get("device", ""), run.info.start_time or 0,
-                   run.info.end_time)
+                   run.info.end_time, run.data.tags.get("failure.reason", ""))
 
 
 def find_source(client, parent: str | None, experiment: str | None) -> Source:
