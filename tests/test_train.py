@@ -83,3 +83,22 @@ def test_step_curves_match_the_epoch_metrics_and_leave_training_unchanged():
     assert recorder.series["val/loss_step"][6] == pytest.approx(history["val_loss"][0], rel=1e-6)
     assert recorder.series["val/loss_step"][12] == pytest.approx(history["val_loss"][1], rel=1e-6)
     assert result.steps == 12
+
+
+@pytest.mark.slow
+def test_step_curves_weigh_a_partial_batch_by_its_examples_and_carry_an_epoch_s_last_steps():
+    # 100 examples in batches of 32: each epoch is 32, 32, 32 and 4. Windows of one step give every
+    # step's own loss; windows of three steps span the epochs (steps 4 | 5 6, weighted 4 : 32 : 32).
+    every_step, every_three = Recorder(), Recorder()
+    net, _ = trained("data.num_train=100", callbacks=lambda net, splits, cfg: [
+        StepLogger(every_step, train_every=1), StepLogger(every_three, train_every=3)])
+    one = every_step.series["train/loss_step"]
+    weights = [32, 32, 32, 4]
+    for epoch in range(2):
+        steps = range(epoch * 4 + 1, epoch * 4 + 5)
+        assert np.dot([one[s] for s in steps], weights) / 100 == pytest.approx(net.history.history["loss"][epoch],
+                                                                              rel=1e-5)
+    three = every_three.series["train/loss_step"]
+    assert sorted(three) == [3, 6]
+    assert three[3] == pytest.approx(np.mean([one[1], one[2], one[3]]), rel=1e-5)
+    assert three[6] == pytest.approx((one[4] * 4 + one[5] * 32 + one[6] * 32) / 68, rel=1e-5)

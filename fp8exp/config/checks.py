@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fp8exp.config.precision import FP8_RECIPES, GRAD_FORMATS, RECIPE_KEYS, WHATIF_ONLY_RECIPES
 from fp8exp.config.schema import (
     BACKBONE_CLASSES,
     DECODER_FAMILIES,
@@ -40,6 +41,28 @@ def _positive(cfg: DictConfig, *keys: str, optional: bool = False) -> None:
             raise ConfigError(key, f"got {value!r}, expected {valid}")
 
 
+def _check_recipe(cfg: DictConfig) -> None:
+    precision = cfg.precision
+    recipe = precision.get("recipe") or "delayed"
+    if recipe not in FP8_RECIPES:
+        what = "is for what-if numerics only (tracking.fp8_whatif), not training" if recipe in WHATIF_ONLY_RECIPES \
+            else "is not an FP8 recipe"
+        raise ConfigError("precision.recipe", f"{recipe!r} {what}; valid: {', '.join(FP8_RECIPES)}")
+    for key in ("amax_history_length", *RECIPE_KEYS[1:]):
+        if precision.get(key) is None or key in FP8_RECIPES[recipe]:
+            continue
+        if key == "amax_history_length":
+            raise ConfigError("precision.amax_history_length", "only applies to precision.recipe=delayed (Keras' "
+                              f"amax history), not {recipe}, which scales from the current tensor; remove it")
+        raise ConfigError(f"precision.{key}", f"precision.recipe={recipe} does not take {key}; its options: "
+                          f"{', '.join(FP8_RECIPES[recipe])}")
+    if precision.get("margin") is not None and precision.margin < 0:
+        raise ConfigError("precision.margin", f"got {precision.margin}, expected an integer >= 0 (scales back off by 2^margin)")
+    _positive(cfg, "precision.block_size", optional=True)
+    if precision.get("grad_format") not in (None, *GRAD_FORMATS):
+        raise ConfigError("precision.grad_format", f"got {precision.grad_format!r}; valid: {', '.join(GRAD_FORMATS)}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first setting that cannot work; types are checked by the schema."""
     precision = cfg.precision
@@ -49,7 +72,8 @@ def validate(cfg: DictConfig) -> None:
         if precision.source_policy not in FP8_SOURCE_POLICIES:
             raise ConfigError("precision.source_policy",
                               f"got {precision.source_policy!r}; valid: {', '.join(FP8_SOURCE_POLICIES)}")
-        _positive(cfg, "precision.amax_history_length")
+        _positive(cfg, "precision.amax_history_length", optional=True)
+        _check_recipe(cfg)
         for key in ("skip", "only"):
             pattern = precision[key]
             if pattern is not None:
@@ -58,8 +82,8 @@ def validate(cfg: DictConfig) -> None:
                 except re.error as error:
                     raise ConfigError(f"precision.{key}", f"{pattern!r} is not a valid regular expression ({error})")
     else:
-        for key in ("source_policy", "amax_history_length", "skip", "only"):
-            if precision[key] is not None:
+        for key in ("source_policy", "amax_history_length", "skip", "only", *RECIPE_KEYS):
+            if precision.get(key) is not None:
                 raise ConfigError(f"precision.{key}",
                                   f"only applies to precision=float8, not {precision.name}; remove it")
 

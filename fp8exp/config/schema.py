@@ -9,6 +9,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fp8exp.config.precision import PrecisionConfig
+
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float8")
 FP8_SOURCE_POLICIES = ("mixed_bfloat16", "float32", "mixed_float16")
 TRACKERS = ("mlflow", "none")
@@ -161,20 +163,6 @@ class TaskConfig:
 
 
 @dataclass
-class PrecisionConfig:
-    name: str = MISSING
-    """float32 | mixed_bfloat16 | mixed_float16 | float8."""
-    source_policy: Optional[str] = None
-    """float8 only: the policy the model is built under before quantize("float8")."""
-    amax_history_length: Optional[int] = None
-    """float8 only: amax history window per scaled tensor (Keras default 1024)."""
-    skip: Optional[str] = None
-    """float8 only: regex over layer paths to keep in high precision, e.g. `head`."""
-    only: Optional[str] = None
-    """float8 only: regex over layer paths; quantize just the Dense/EinsumDense layers it matches."""
-
-
-@dataclass
 class TrainerConfig:
     epochs: int = 3
     batch_size: int = 32
@@ -226,6 +214,10 @@ class TrackingConfig:
     """Log FP8 scale/amax state every N optimizer steps (and at the end)."""
     fp8_probe: bool = True
     """At each FP8 log point, measure saturation, underflow and SQNR on one fixed batch."""
+    fp8_whatif: bool = True
+    """With fp8_probe, at each FP8 log point: what every FP8 recipe (and NVFP4) would make of each quantized
+    layer's input, kernel and output gradient on the probe batch (saturation, underflow, SQNR), as
+    fp8/whatif/step_<N>.csv, and at the end fp8/whatif/summary.csv and the heat map fp8/whatif/sqnr.png."""
     fp8_gemm_check: bool = True
     """After training, compile one training step again to count the matmuls that really run in FP8
     (tag fp8.gemm). Costs one compilation (perf/fp8_gemm_check_s); false skips it."""

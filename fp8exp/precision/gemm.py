@@ -2,7 +2,8 @@
 compute dtype; only XLA on GPUs with FP8 tensor cores rewrites that pattern into an FP8 GEMM.
 This module counts, in the training step, the matmuls whose two operands come straight from
 FP8 casts (what FP8 should accelerate), and, in the optimized HLO the compiler produced, the
-matmuls that really run in FP8."""
+matmuls that really run in FP8. Recipes whose scales vary along the contraction (block, mxfp8)
+dequantize before a float32 matmul here by construction: their matmuls never run in FP8."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import keras
 import numpy as np
 from jax._src.lib import hlo as xla_hlo
 from jax.extend import core
+
+from fp8exp.precision.recipes.layers import recipe_layers
+from fp8exp.precision.recipes.plan import plan
 
 HOPS = 8  # elementwise ops allowed between an FP8 cast and a matmul operand (dequantize, scale)
 # cuBLASLt FP8 GEMMs: per-tensor scaled (f8) and MX block scaled (mx).
@@ -35,9 +39,13 @@ class GemmReport:
     total_matmuls: int
     hlo: str
     """The optimized HLO, printed with operand types (see `optimized_hlo`)."""
+    dequantized: int = 0
+    """Matmuls of recipe layers whose operands are dequantized (block-scaled) before a float dot."""
 
     @property
     def verdict(self) -> str:
+        if self.dequantized and self.dequantized >= self.fp8_matmuls:
+            return "emulated"  # by construction, whatever the compiler did
         if self.fp8_matmuls and self.fused >= self.fp8_matmuls:
             return "fused"
         return "partial" if self.fused else "emulated"
@@ -45,7 +53,19 @@ class GemmReport:
     def metrics(self) -> dict[str, float]:
         return {"fp8/gemm/fp8_matmuls": self.fp8_matmuls, "fp8/gemm/fused": self.fused,
                 "fp8/gemm/emulated": max(self.fp8_matmuls - self.fused, 0),
-                "fp8/gemm/total_matmuls": self.total_matmuls}
+                "fp8/gemm/total_matmuls": self.total_matmuls, "fp8/gemm/dequantized": self.dequantized}
+
+
+def dequantized_matmuls(model: keras.Model) -> int:
+    """Matmuls per training step that a recipe runs as dequantize + float32 dot: those whose two
+    operands are quantized and not both per-tensor/per-row (recipes/matmul.py), 3 per block or
+    MX layer; per-tensor and rowwise operands feed the dot as FP8."""
+    count = 0
+    for layer in recipe_layers(model):
+        p = plan(layer.recipe)
+        count += sum(a.granularity != "none" and b.granularity != "none" and not (a.per_output and b.per_output)
+                     for a, b in ((p.fwd_x, p.fwd_w), (p.dgrad_dy, p.dgrad_w), (p.wgrad_x, p.wgrad_dy)))
+    return count
 
 
 def _is_fp8(aval) -> bool:
@@ -167,4 +187,4 @@ def inspect_train_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> Gemm
     traced = jax.jit(model.train_step).trace(_train_state(model), (x, y))  # traced once, for both
     counts = count_matmuls(traced.jaxpr.jaxpr)
     hlo = optimized_hlo(traced.lower().compile())
-    return GemmReport(counts["fp8"], count_fp8_gemms(hlo), counts["total"], hlo)
+    return GemmReport(counts["fp8"], count_fp8_gemms(hlo), counts["total"], hlo, dequantized_matmuls(model))

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 
 from fp8exp.precision.probe import Capture
-from fp8exp.precision.scales import scale_variables
+from fp8exp.precision.recipes.layers import RECORD, is_recipe_layer
+from fp8exp.precision.scales import recipe_records, scale_variables
 
 
 @dataclass
@@ -31,7 +32,9 @@ class Health:
         explain = {
             "scale_never_moved": "scale still at its initial 1.0 (tensor never seen, or FP8 not applied)",
             "amax_zero": "amax history all zero (values underflowed; delayed scaling quantized them with the initial scale)",
-            "non_finite": "NaN or Inf in scale or amax history",
+            "non_finite": "NaN or Inf in scale or amax history (recipe layers: in their scale record)",
+            "at_bound": "block scales at the limit of their range above the warning threshold (the scale could "
+                        "not follow the data: power-of-2 / E8M0 exponent clamped)",
             "saturation": "saturation above the warning threshold",
             "underflow": "flush-to-zero above the warning threshold",
         }
@@ -42,7 +45,9 @@ class Health:
 def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold: float,
                  sizes: dict[str, int] | None = None) -> Health:
     """Saturation and underflow warn above `threshold` and when more than one element is hit:
-    with delayed scaling a growing tensor's single largest value clips by design."""
+    with delayed scaling a growing tensor's single largest value clips by design. Recipe layers
+    are judged by their scale record: non-finite, never written, an all-zero tensor, and the
+    share of blocks whose scale sits at its bound (`at_bound`) above `threshold`."""
     health = Health()
     for entry in scale_variables(model):
         where = f"{entry.layer}/{entry.tensor}"
@@ -55,6 +60,17 @@ def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold:
             health.add("scale_never_moved", where)
         if not np.any(history):
             health.add("amax_zero", where)
+    for layer, tensors in recipe_records(model).items():  # recipe layers: their last step's record
+        for tensor, stats in tensors.items():
+            where = f"{layer}/{tensor}"
+            if not all(math.isfinite(value) for value in stats.values()):
+                health.add("non_finite", where)
+            elif not any(stats.values()):
+                health.add("scale_never_moved", where)  # no step wrote the record
+            elif stats["amax"] == 0:
+                health.add("amax_zero", where)
+            elif stats["at_bound"] > threshold:
+                health.add("at_bound", where)
     for key, value in probe_metrics.items():
         for check in ("saturation", "underflow"):
             if key.endswith(f"_{check}"):
@@ -84,14 +100,17 @@ def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
         if layer._layers or not layer.weights:
             continue
         params = sum(int(np.prod(w.shape)) for w in layer.weights
-                     if not w.path.endswith(("_scale", "_amax_history")))
+                     if not w.path.endswith(("_scale", "_amax_history", f"/{RECORD}")))
         flops = 0
         if layer.path in captures:
             output_elements = int(np.prod(captures[layer.path].output_shape[1:]))
             kernel = layer.kernel.shape
             contracted = int(np.prod(kernel)) // int(np.prod(_kernel_output_dims(layer, kernel)))
             flops = 2 * output_elements * contracted
-        rows.append((layer.path, type(layer).__name__, layer.dtype_policy.name, params, flops))
+        policy = layer.dtype_policy.name
+        if is_recipe_layer(layer):  # e.g. float8_block_from_mixed_bfloat16, as Keras names its float8 policies
+            policy = f"float8_{layer.recipe.name}_from_{policy}"
+        rows.append((layer.path, type(layer).__name__, policy, params, flops))
         if layer is lm_head:
             vocabulary, hidden = layer.embeddings.shape
             rows.append((f"{layer.path} (in reverse: the output projection)", "LM head matmul", "compute dtype",

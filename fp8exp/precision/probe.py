@@ -1,7 +1,8 @@
 """Headroom on a fixed probe batch: how much of each quantized layer's input, kernel and output
 gradient would saturate or flush to zero under the layer's current scale, and the
 signal-to-noise ratio of the quantize-dequantize round trip (what Transformer Engine's debug
-tools and torchao report)."""
+tools and torchao report). Recipe layers (precision/recipes/) scale from the tensor itself: for
+them the numbers are what their own recipe makes of the tensor now (whatif.py's arithmetic)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from fp8exp.precision.scales import scale_variables
+from fp8exp.precision.recipes.layers import is_recipe_layer
+from fp8exp.precision.scales import fp8_layer_paths, scale_variables
+from fp8exp.precision.whatif import STATS, TENSORS, WhatIf
 
 FORMATS = {"inputs": ml_dtypes.float8_e4m3fn, "kernel": ml_dtypes.float8_e4m3fn,
            "outputs_grad": ml_dtypes.float8_e5m2}
@@ -56,19 +59,23 @@ class Probe:
         """Elements per measured `<layer>/<tensor>`, so a share can be told from one element."""
         self._compiled = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._recipes: dict = {}  # recipe -> WhatIf measuring that recipe alone (compiled once)
 
     def _pass(self, taps, trainable, non_trainable, batch, labels):
         """Forward with every quantized layer's output shifted by its zero `tap`: the gradient
         with respect to a tap is the gradient at that layer's output."""
-        paths = {entry.layer for entry in scale_variables(self.model)}
+        paths = set(fp8_layer_paths(self.model))
         layers = [layer for layer in self.model._flatten_layers(include_self=False) if layer.path in paths]
         inputs: dict = {}
         for layer in layers:
-            def capturing(x, *args, _layer=layer, **kwargs):
-                # Tap before the activation: Keras quantizes the gradient at the matmul's output.
+            # Keras' float8 layers quantize in `quantized_call`, recipe layers in `call`.
+            method = "call" if is_recipe_layer(layer) else "quantized_call"
+
+            def capturing(x, *args, _layer=layer, _method=method, **kwargs):
+                # Tap before the activation: the gradient is quantized at the matmul's output.
                 activation, _layer.activation = _layer.activation, None
                 try:
-                    outputs = type(_layer).quantized_call(_layer, x, *args, **kwargs)
+                    outputs = getattr(type(_layer), _method)(_layer, x, *args, **kwargs)
                 finally:
                     _layer.activation = activation
                 inputs[_layer.path] = x
@@ -77,12 +84,12 @@ class Probe:
                     outputs = outputs + taps[_layer.path].astype(outputs.dtype)
                 return activation(outputs) if activation is not None else outputs
 
-            layer.quantized_call = capturing  # an instance attribute shadows the method
+            setattr(layer, method, capturing)  # an instance attribute shadows the method
         try:
             predictions, _ = self.model.stateless_call(trainable, non_trainable, batch, training=False)
         finally:
             for layer in layers:
-                del layer.quantized_call
+                delattr(layer, "call" if is_recipe_layer(layer) else "quantized_call")
         loss = 0.0
         if labels is not None:  # the loss the model trains with (a language model's is on logits)
             loss_fn = keras.losses.get(self.model.loss) if getattr(self.model, "loss", None) else (
@@ -130,4 +137,25 @@ class Probe:
             for name, value in stats.items():
                 if math.isfinite(value):
                     metrics[f"fp8/{entry.layer}/{entry.tensor}_{name}"] = value
+        metrics.update(self._recipe_metrics(by_path))
+        return metrics
+
+    def _recipe_metrics(self, by_path) -> dict[str, float]:
+        """The same three numbers for recipe layers, under each layer's own recipe."""
+        groups: dict = {}
+        for path, capture in self.captures.items():
+            if is_recipe_layer(by_path[path]):
+                groups.setdefault(by_path[path].recipe, {})[path] = capture
+        metrics = {}
+        for recipe, captures in groups.items():
+            if recipe not in self._recipes:
+                self._recipes[recipe] = WhatIf(recipe, names=(recipe.name,), max_rows=None)  # every row
+            measure = self._recipes[recipe]
+            for layer, tensors in measure.table(self.model, captures, self.output_grads).items():
+                sizes = {"inputs": np.size(captures[layer].inputs), "kernel": np.size(by_path[layer].kernel),
+                         "outputs_grad": np.size(self.output_grads.get(layer, ()))}
+                for tensor in (t for t in TENSORS if t in tensors):
+                    self.sizes[f"{layer}/{tensor}"] = int(sizes[tensor])
+                    metrics.update({f"fp8/{layer}/{tensor}_{name}": value
+                                    for name, value in zip(STATS, tensors[tensor][0].tolist()) if math.isfinite(value)})
         return metrics

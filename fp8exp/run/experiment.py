@@ -22,6 +22,7 @@ from fp8exp.precision.gemm import inspect_train_step
 from fp8exp.precision.health import check_health, layer_table
 from fp8exp.precision.probe import Probe
 from fp8exp.precision.scales import state_size
+from fp8exp.precision.whatif import WhatIf, plot_sqnr, to_csv
 from fp8exp.run import checkpoint, distribution, stopping, tasks, train
 from fp8exp.run.launch import LaunchContext, git_state, run_name, source_tags
 from fp8exp.run.resume import config_hash, find_resume
@@ -106,7 +107,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
         raise ConfigError("trainer.resume", f"the checkpoint has {resume.state.meta['steps_per_epoch']} steps "
                           f"per epoch, this data and config {steps}: the training data changed")
     run_hash = config_hash(cfg)
-    tags = {**environment_tags(cfg, context), "task": task, "fp8exp.config_hash": run_hash}
+    tags = {**environment_tags(cfg, context), "task": task, "fp8exp.config_hash": run_hash, **recipe_tags(cfg, net)}
 
     # Checkpoints bound for a tracking server are staged here until uploaded (even if that waits
     # for the offline copy, written when the run closes).
@@ -146,20 +147,25 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
                                      validate=lambda model: train.validate(model, splits, cfg.trainer, to_inputs),
                                      derive=functools.partial(tasks.derived, cfg))
             callbacks.append(step_logger)
-            fp8_logger = None
+            fp8_logger = whatif = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
                 convert = to_inputs or (lambda x, y: (x, y))
                 probe = Probe(net, *convert(splits.x_val[probe_batch], splits.y_val[probe_batch])) \
                     if cfg.tracking.fp8_probe else None
+                whatif = WhatIf(policy.run_recipe(cfg.precision)) if probe and cfg.tracking.get("fp8_whatif") else None
+                delayed = policy.run_recipe(cfg.precision) is None
 
                 def fp8_sink(metrics, step):
-                    # Each scale is logged at the step that quantizes with it (one after the step
-                    # that computed it; see scales.state_metrics), the amaxes and probe at this one.
-                    scales = {key: value for key, value in metrics.items() if key.endswith("_scale")}
+                    # Each Keras scale is logged at the step that quantizes with it (one after the step
+                    # that computed it; see scales.state_metrics), the amaxes and probe at this one;
+                    # a recipe's scales are this step's own.
+                    scales = {key: value for key, value in metrics.items() if delayed and key.endswith("_scale")}
                     run.log_metrics({key: value for key, value in metrics.items() if key not in scales}, step)
                     run.log_metrics(scales, step + 1)
                     guard.check_fp8_metrics(metrics, step)
+                    if whatif is not None:  # after the probe's pass: its captures are this step's
+                        run.log_text(to_csv(whatif.measure(net, probe, step)), f"fp8/whatif/step_{step}.csv")
 
                 fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
                 # Logged before the interruption, the next log point follows from it; a run with
@@ -187,9 +193,12 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             applied = int(keras.ops.convert_to_numpy(net.optimizer.inner_optimizer.iterations))
             final["train/skipped_steps"] = float(result.steps - applied)
         if cfg.precision.name == "float8":
-            final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs))
+            final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
         run.log_metrics(final, step=result.steps)
-        if cfg.tracking.get("save_model", True) and run.run_id:
+        if cfg.tracking.get("save_model", True) and run.run_id and policy.run_recipe(cfg.precision) is not None:
+            log.info("Not saving the model: saving and serving models trained with precision.recipe=%s comes later",
+                     cfg.precision.recipe)
+        elif cfg.tracking.get("save_model", True) and run.run_id:
             log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
@@ -197,21 +206,46 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
     return outcome
 
 
-def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None) -> dict[str, float]:
+def recipe_tags(cfg: DictConfig, net) -> dict[str, str]:
+    """`fp8.recipe` on every float8 run; for a recipe, the layers it pads or leaves in high precision."""
+    applied = policy.applied_recipe(net, cfg.precision)
+    tags = {"fp8.recipe": policy.recipe_name(cfg.precision)} if cfg.precision.name == "float8" else {}
+    if applied is not None and applied.padded:
+        tags["fp8.recipe.padded"] = "; ".join(f"{path}: {', '.join(why)}" for path, why in applied.padded.items())[:5000]
+    if applied is not None and applied.high_precision:
+        tags["fp8.recipe.high_precision"] = "; ".join(f"{p}: {why}" for p, why in applied.high_precision.items())[:5000]
+    return tags
+
+
+def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None, staging: Path | None = None,
+               whatif: WhatIf | None = None) -> dict[str, float]:
     """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
-    (scales, histories, probe), and which layers it covers. Returns metrics to log."""
+    (scales, histories, probe), which layers it covers, and the what-if summary. Returns metrics to log."""
     metrics = report_fp8_gemm(run, net, splits, cfg, to_inputs) if cfg.tracking.fp8_gemm_check else {}
+    applied = policy.applied_recipe(net, cfg.precision)
+    if applied is not None:
+        run.log_text("\n".join([f"recipe: {applied.recipe}", f"layers: {', '.join(applied.layers)}",
+                                *policy.recipe_notes(applied)]) + "\n", "fp8/recipe.txt")
     if logger is not None and logger.probe is not None:
         if not logger.probe.captures:  # resumed at its last step, which was a log point: measure now
             started = time.perf_counter()
             logger.probe_metrics = logger.probe.metrics()
             logger.probe_seconds += time.perf_counter() - started
+            if whatif is not None:
+                whatif.measure(net, logger.probe, logger.logged_steps[-1] if logger.logged_steps else logger.step)
         health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction, logger.probe.sizes)
         for message in health.messages():
             log.warning(message)
         run.set_tags(health.tags())
         run.log_text(layer_table(net, logger.probe.captures), "fp8/layers.md")
         metrics["perf/fp8_probe_s"] = logger.probe_seconds
+    if whatif is not None and whatif.last is not None:  # the last probe point: the state training ended in
+        step, rows = whatif.last
+        run.log_text(to_csv(rows, step), "fp8/whatif/summary.csv")
+        if staging is not None and run.run_id:
+            plot_sqnr(rows, staging / "sqnr.png", step)
+            run.log_artifact(staging / "sqnr.png", "fp8/whatif")
+        metrics["perf/fp8_whatif_s"] = whatif.seconds
     return metrics
 
 
@@ -225,8 +259,9 @@ def report_fp8_gemm(run, net, splits, cfg: DictConfig, to_inputs=None) -> dict[s
     run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
     if gemm.verdict != "fused":
         log.warning("FP8 is %s on this device: %d of %d FP8 matmuls run as FP8 GEMMs, the rest are "
-                    "quantize-dequantize in the compute dtype; compare accuracy here, not step time",
-                    gemm.verdict, gemm.fused, gemm.fp8_matmuls)
+                    "quantize-dequantize in the compute dtype%s; compare accuracy here, not step time",
+                    gemm.verdict, gemm.fused, gemm.fp8_matmuls,
+                    f" ({gemm.dequantized} block-scaled ones by construction)" if gemm.dequantized else "")
     return {**gemm.metrics(), "perf/fp8_gemm_check_s": time.perf_counter() - started}
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import keras
 
-from fp8exp.precision.scales import scale_variables
+from fp8exp.precision.scales import non_finite_state
 from fp8exp.tracking.callbacks import StepCallback
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,9 @@ class GracefulStop:
 
 
 def non_finite_fp8(model: keras.Model) -> list[str]:
-    """`<layer>/<tensor>_scale` or `_amax_history` variables holding a NaN or Inf."""
-    import numpy as np
-
-    bad = []
-    for entry in scale_variables(model):
-        for name, variable in (("scale", entry.scale), ("amax_history", entry.amax_history)):
-            if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable.value))):
-                bad.append(f"{entry.layer}/{entry.tensor}_{name}")
-    return bad
+    """`<layer>/<tensor>_scale` or `_amax_history` variables (recipe layers: `_scale_stats` records)
+    holding a NaN or Inf."""
+    return non_finite_state(model)
 
 
 class NonFiniteGuard(StepCallback):
@@ -166,7 +160,8 @@ class NonFiniteGuard(StepCallback):
 
     def check_fp8_metrics(self, metrics: dict[str, float], step: int) -> None:
         bad = [key for key, value in metrics.items()
-               if key.endswith(("_scale", "_amax")) and not math.isfinite(value)]
+               if key.endswith(("_scale", "_amax", "_scale_min", "_scale_max", "_scale_median"))
+               and not math.isfinite(value)]
         if bad:
             self.step = step  # the FP8 logger runs before this callback's own step count
             self.fail("FP8 scale or amax")

@@ -176,7 +176,8 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
         # This fit's real batch count: the step count caps Keras' end step with it, and the
         # progress bar of a resumed epoch counts what is left.
         callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size),
-                                  "partial_last": len(order) % trainer.batch_size != 0})
+                                  "partial_last": len(order) % trainer.batch_size != 0,
+                                  "batch_size": trainer.batch_size, "samples": len(order)})
         model.fit(
             *convert(splits.x_train[order], splits.y_train[order]),
             validation_data=convert(splits.x_val, splits.y_val),

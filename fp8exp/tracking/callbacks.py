@@ -12,7 +12,7 @@ from typing import Callable
 
 import keras
 
-from fp8exp.precision.scales import scale_variables, state_metrics
+from fp8exp.precision.scales import state_metrics
 
 
 class StepCallback(keras.callbacks.Callback):
@@ -99,11 +99,13 @@ class EpochLogger(keras.callbacks.Callback):
 class StepLogger(StepCallback):
     """Loss curves finer than an epoch, at MLflow step = optimizer step: every `train_every` steps
     the training metrics' mean over those steps (`train/loss_step`, ...), and every `val_every`
-    steps what `validate()` returns (`val/loss_step`, ...). Keras' logs hold each metric's running
-    mean since the epoch began; the window's mean is recovered from two of them (every step of an
-    epoch weighted alike), so no model read is needed. `derive(metrics)` adds derived values
-    (a language model's perplexity). `validate(model)` reads the model (a state sync): its steps
-    are listed in `disturbed` for the step timer to skip."""
+    steps what `validate(model)` returns (`val/loss_step`, ...). Keras' logs hold each metric's
+    running mean since the epoch began, weighted by examples; a window's mean is recovered from
+    two of them and the examples between (fit's params `batch_size` and `samples`: a partial last
+    batch weighs less), and steps an epoch ends with before a log point are carried into the next
+    window. No model read for that. `derive(metrics)` adds derived values (a language model's
+    perplexity). `validate(model)` reads the model (a state sync): its steps are listed in
+    `disturbed` for the step timer to skip."""
 
     def __init__(self, run, train_every: int | None = None, val_every: int | None = None,
                  validate: Callable[[keras.Model], dict[str, float]] | None = None,
@@ -112,30 +114,41 @@ class StepLogger(StepCallback):
         self.run, self.train_every, self.val_every = run, train_every, val_every
         self.validate, self.derive = validate, derive
         self.disturbed: list[int] = []
-        self._mark: tuple[int, dict[str, float]] = (0, {})  # (steps into the epoch, running means)
+        self._mark: tuple[int, dict[str, float]] = (0, {})  # (examples into the epoch, running means)
+        self._last: tuple[int, dict[str, float]] = (0, {})
+        self._carry: tuple[int, dict[str, float]] = (0, {})  # (examples, sums) since the last log point
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
-        self._mark = (0, {})
+        (seen, means), (then, marked) = self._last, self._mark
+        count, sums = self._carry
+        if seen > then:  # the epoch ended between log points: its last steps go into the next window
+            self._carry = (count + seen - then, {key: sums.get(key, 0.0) + means[key] * seen - marked.get(key, 0.0) * then
+                                                 for key in means})
+        self._mark = self._last = (0, {})
 
     def on_train_batch_end(self, batch, logs=None):
         previous = self.step
         super().on_train_batch_end(batch, logs)
+        params = self.params or {}
+        size = params.get("batch_size", 1)
+        seen = min((self.step - self._epoch_start) * size, params.get("samples", float("inf")))
+        self._last = (seen, {key: float(value) for key, value in (logs or {}).items() if isinstance(value, (int, float))})
         if self.train_every and self.step // self.train_every > previous // self.train_every:
-            self._log_train(logs or {})
+            self._log_train()
         if self.val_every and self.validate and self.step // self.val_every > previous // self.val_every:
             metrics = {f"val/{key}_step": value for key, value in self.derive(self.validate(self.model)).items()}
             self.run.log_metrics(metrics, step=self.step)
             self.disturbed.append(self.step)
 
-    def _log_train(self, logs: dict) -> None:
-        into = self.step - self._epoch_start
-        then, means = self._mark
-        window = {key: (float(value) * into - means.get(key, 0.0) * then) / (into - then)
-                  for key, value in logs.items() if isinstance(value, (int, float))}
+    def _log_train(self) -> None:
+        (seen, means), (then, marked), (count, sums) = self._last, self._mark, self._carry
+        examples = count + seen - then
+        window = {key: (sums.get(key, 0.0) + value * seen - marked.get(key, 0.0) * then) / examples
+                  for key, value in means.items()}
         self.run.log_metrics({f"train/{key}_step": value for key, value in self.derive(window).items()},
                              step=self.step)
-        self._mark = (into, {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))})
+        self._mark, self._carry = self._last, (0, {})
 
 
 class Fp8StateLogger(StepCallback):
@@ -166,7 +179,7 @@ class Fp8StateLogger(StepCallback):
             self._log()
 
     def _log(self):
-        metrics = state_metrics(scale_variables(self.model))
+        metrics = state_metrics(self.model)  # Keras scales and recipe layers' scale records
         if self.probe is not None:
             started = time.perf_counter()
             self.probe_metrics = self.probe.metrics()
