@@ -341,31 +341,36 @@ def test_task_classify_runs_on_a_family_with_fp8_state_and_probe(store):
         assert np.isfinite(metrics[f"fp8/{query}/{tensor}_sqnr_db"]), tensor
 
 
-def _hand_counted_fp8_share(family: str, length: int = LENGTH, vocabulary: int = VOCAB) -> float:
+def _hand_counted_fp8_share(family: str, skip_feedforward: bool = False, length: int = LENGTH,
+                            vocabulary: int = VOCAB) -> float:
     """FLOPs per example, counted by hand from llama_tiny / gemma_tiny: FP8 projections over all
-    matmuls (+ attention scores QK^T and AV, + the tied embedding as the LM head)."""
+    matmuls (+ attention scores QK^T and AV, + the tied embedding as the LM head); with
+    `skip_feedforward` the feed-forward projections stay in high precision but still count."""
     d, heads, head_dim, layers = 64, 4, 16, 2
     kv, ff = (2, 192) if family == "llama" else (1, 128)
-    per_token = d * heads * head_dim * 2 + 2 * d * kv * head_dim + 3 * d * ff  # q, o; k, v; gate, up, down
-    fp8 = 2 * length * per_token * layers
+    attention_projections = d * heads * head_dim * 2 + 2 * d * kv * head_dim  # q, o; k, v
+    feedforward = 3 * d * ff  # gate, up, down
+    fp8 = 2 * length * (attention_projections + (0 if skip_feedforward else feedforward)) * layers
+    total = 2 * length * (attention_projections + feedforward) * layers
     attention = 2 * 2 * length * length * heads * head_dim * layers
     head = 2 * length * d * vocabulary
-    return fp8 / (fp8 + attention + head)
+    return fp8 / (total + attention + head)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_layer_table_counts_attention_scores_and_the_lm_head(family):
+@pytest.mark.parametrize("family,skip", [("llama", None), ("gemma", None), ("llama", "feedforward")])
+def test_layer_table_counts_attention_scores_and_the_lm_head(family, skip):
     from fp8exp.precision.health import layer_table
     from fp8exp.precision.probe import Probe
 
-    cfg = compose_config(f"model={family}_tiny", "precision=float8", "task=causal_lm")
+    cfg = compose_config(f"model={family}_tiny", "precision=float8", "task=causal_lm",
+                         *([f"precision.skip={skip}"] if skip else []))
     model = build(cfg, lambda: families.build_causal_lm(cfg.model, VOCAB))
     ids = np.random.default_rng(0).integers(1, VOCAB, (2, LENGTH + 1)).astype("int32")
     x, _, _ = families.causal_lm_batch(ids)
     probe = Probe(model, x)
     probe.run()
-    table = layer_table(model, probe.captures)
+    table = layer_table(model, probe.captures, probe.matmul_shapes())
     assert "(in reverse: the output projection) | LM head matmul | compute dtype" in table
     assert table.count("(scores QK^T and AV) | attention matmul") == 2
     share = float(table.rsplit("and ", 1)[1].split("%")[0]) / 100
-    assert share == pytest.approx(_hand_counted_fp8_share(family), abs=0.0005)
+    assert share == pytest.approx(_hand_counted_fp8_share(family, skip_feedforward=bool(skip)), abs=0.0005)

@@ -80,21 +80,24 @@ def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold:
     return health
 
 
-def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
-    """Markdown: every layer with weights, whether FP8 covers it, its parameters and its share
-    of the model's matmul FLOPs per example. Counted in high precision, never FP8: every
-    attention's score matmuls (QK^T and AV: keras MultiHeadAttention, Llama's and Gemma's own
-    attention layers alike) and a language model's output projection, the token embedding used
-    in reverse (tied or not)."""
+def layer_table(model: keras.Model, captures: dict[str, Capture],
+                shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+    """Markdown: every layer with weights, whether FP8 covers it (the captured layers), its
+    parameters and its share of the model's matmul FLOPs per example, from `shapes`: every
+    Dense/EinsumDense layer's output shape (Probe.matmul_shapes; default: the captured ones only).
+    Counted in high precision, never FP8: every attention's score matmuls (QK^T and AV: keras
+    MultiHeadAttention, Llama's and Gemma's own attention layers alike) and a language model's
+    output projection, the token embedding used in reverse (tied or not)."""
     quantized = set(captures)
+    shapes = shapes or {path: capture.output_shape for path, capture in captures.items()}
     rows = []
-    length = next((capture.output_shape[1] for capture in captures.values()), 0)
+    length = next((shape[1] for shape in shapes.values() if len(shape) > 2), 0)
     lm_head = getattr(getattr(model, "backbone", None), "token_embedding", None) if hasattr(model, "generate") else None
     for layer in model._flatten_layers(include_self=False):
         query = next((getattr(layer, name) for name in ("query_dense", "_query_dense")
                       if isinstance(getattr(layer, name, None), keras.layers.Layer)), None)
-        if query is not None and query.path in captures:
-            _, length, heads, head_dim = captures[query.path].output_shape
+        if query is not None and query.path in shapes:
+            _, length, heads, head_dim = shapes[query.path]
             rows.append((f"{layer.path} (scores QK^T and AV)", "attention matmul", "compute dtype", 0,
                          2 * 2 * length * length * heads * head_dim))
         if layer._layers or not layer.weights:
@@ -102,8 +105,8 @@ def layer_table(model: keras.Model, captures: dict[str, Capture]) -> str:
         params = sum(int(np.prod(w.shape)) for w in layer.weights
                      if not w.path.endswith(("_scale", "_amax_history", f"/{RECORD}")))
         flops = 0
-        if layer.path in captures:
-            output_elements = int(np.prod(captures[layer.path].output_shape[1:]))
+        if layer.path in shapes:
+            output_elements = int(np.prod(shapes[layer.path][1:]))
             kernel = layer.kernel.shape
             contracted = int(np.prod(kernel)) // int(np.prod(_kernel_output_dims(layer, kernel)))
             flops = 2 * output_elements * contracted

@@ -100,6 +100,34 @@ class Probe:
             loss = keras.ops.mean(loss_fn(labels, keras.ops.cast(predictions, "float32")))
         return loss, inputs
 
+    def matmul_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output shape of every Dense and EinsumDense layer on the probe batch, quantized or not
+        (one shape-only trace): what layer_table counts every matmul's FLOPs from."""
+        import jax
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        layers = [layer for layer in self.model._flatten_layers(include_self=False)
+                  if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+        # Keras runs a quantized layer's `quantized_call` in place of `call`: hook whichever runs.
+        hooked = [(layer, name) for layer in layers
+                  for name in (("quantized_call",) if getattr(layer, "quantization_mode", None) else ("call",))]
+        for layer, name in hooked:
+            def recording(*args, _layer=layer, _call=getattr(layer, name), **kwargs):
+                outputs = _call(*args, **kwargs)
+                shapes[_layer.path] = tuple(outputs.shape)
+                return outputs
+
+            setattr(layer, name, recording)  # an instance attribute shadows the method
+        try:
+            variables = ([v.value for v in self.model.trainable_variables],
+                         [v.value for v in self.model.non_trainable_variables])
+            jax.eval_shape(lambda t, n, b: self.model.stateless_call(t, n, b, training=False)[0], *variables,
+                           self.batch)
+        finally:
+            for layer, name in hooked:
+                delattr(layer, name)
+        return shapes
+
     def run(self) -> dict[str, Capture]:
         import jax
 

@@ -237,7 +237,7 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None, stagin
         for message in health.messages():
             log.warning(message)
         run.set_tags(health.tags())
-        run.log_text(layer_table(net, logger.probe.captures), "fp8/layers.md")
+        run.log_text(layer_table(net, logger.probe.captures, logger.probe.matmul_shapes()), "fp8/layers.md")
         metrics["perf/fp8_probe_s"] = logger.probe_seconds
     if whatif is not None and whatif.last is not None:  # the last probe point: the state training ended in
         step, rows = whatif.last
