@@ -21,6 +21,9 @@ from fp8exp.models import families
 from fp8exp.precision import gemm as fp8_gemm
 from fp8exp.precision import policy as precision
 
+FAMILIES = ("gpt2", "llama", "gemma", "bert")
+QUICK_FAMILIES = ("llama", "bert")  # --quick checks the code runs: a decoder and the encoder
+
 # Llama-style shapes the GPU kit measures: Llama 3.2 1B's block, and Llama 3 8B's.
 LLAMA_SHAPES = {2048: dict(num_heads=32, num_key_value_heads=8, intermediate_dim=8192),
                 4096: dict(num_heads=32, num_key_value_heads=8, intermediate_dim=14336)}
@@ -97,7 +100,7 @@ def timing_table(timings: list[LmTiming]) -> str:
 def family_section(quick: bool) -> str:
     size, batch, sequence, steps = ("tiny", 2, 16, 3) if quick else ("small", 8, 128, 10)
     timings = [measure(family, name, model_config(family, size), batch, sequence, steps, check_gemm=not quick)
-               for family in ("gpt2", "llama", "gemma", "bert") for name in ("mixed_bfloat16", "float8")]
+               for family in (QUICK_FAMILIES if quick else FAMILIES) for name in ("mixed_bfloat16", "float8")]
     return (f"Each family at its `{size}` size (conf/model/<family>_{size}.yaml), random weights, vocabulary 8,000, "
             f"batch {batch} x sequence {sequence}, median of {steps} steps after compilation. The decoders train "
             "as causal language models, BERT as a classifier. **FP8 on this CPU is emulated** (quantize-dequantize "

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from benchmarks import gpu_kit, run
+from benchmarks import gpu_kit, language_models, run
 from benchmarks.common import Timing, size_table
 from tests.conftest import needs_clothing
 
@@ -49,7 +49,7 @@ def test_quick_language_model_sections_write_their_tables(tmp_path):
     out = tmp_path / "benchmarks.md"
     assert run.main(["--quick", "--only", "families", "lm_overhead", "--out", str(out)]) == 0
     text = out.read_text()
-    for family in ("gpt2", "llama", "gemma", "bert"):
+    for family in language_models.QUICK_FAMILIES:
         assert re.search(rf"\| {family} \| \d+ \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| - \|", text), family
     assert re.search(r"\*\*Median ratio \d+\.\d{3}\*\* \(goal: at most 1.03\)", text.split("## Language-model overhead")[1])
 
