@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,6 +46,42 @@ def build(precision_name: str, hidden_dim: int, sequence_length: int, num_layers
     net = precision.build(precision_cfg, lambda: model.build_classifier(model_cfg, vocabulary_size, sequence_length, 2))
     net.compile(optimizer=precision.optimizer(precision_cfg, 1e-3), loss="binary_crossentropy", metrics=["accuracy"])
     return net
+
+
+class CallTimer(keras.callbacks.Callback):
+    """A plain script's only callback: wall time per training call (`times`, seconds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self.started)
+
+
+def load_times(load, attempts: int):
+    """fp8exp's data path timed as `make bench` reports it: `load(attempt, cold)` into an empty cache
+    (cold) then again from it (cached), `attempts` times. Returns (cold seconds, cached seconds, the splits)."""
+    colds, cached = [], []
+    for attempt in range(attempts):
+        started = time.perf_counter()
+        splits = load(attempt)
+        colds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        assert load(attempt).cache_hit
+        cached.append(time.perf_counter() - started)
+    return colds, cached, splits
+
+
+def data_path_rows(keras_hub_label: str, vocabulary_s: float, keras_hub_s: float, fp8exp_label: str,
+                   colds: list[float], cached: list[float]) -> list[list[str]]:
+    """The data-path table's rows: keras-hub's way, fp8exp's cold (median and each run) and cached."""
+    return [[keras_hub_label, f"{vocabulary_s:.1f}", f"{keras_hub_s:.1f}"],
+            [fp8exp_label, "-", f"{statistics.median(colds):.2f} ({', '.join(f'{c:.2f}' for c in colds)})"],
+            ["fp8exp, cached (fingerprint + load)", "-", f"{statistics.median(cached):.2f}"]]
 
 
 def synthetic_batch_data(count: int, sequence_length: int, vocabulary_size: int = 20000, seed: int = 0):

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from omegaconf import OmegaConf
 
-from benchmarks.common import markdown_table, time_steps
+from benchmarks.common import CallTimer, data_path_rows, load_times, markdown_table, time_steps
 from fp8exp.models import families
 from fp8exp.precision import gemm as fp8_gemm
 from fp8exp.precision import policy as precision
@@ -128,18 +128,10 @@ def plain_keras_hub_ms(windows: np.ndarray, vocabulary_size: int, model_cfg, bat
     lm.compile(optimizer=keras.optimizers.Adam(1e-3))
     windows = np.resize(windows, (batch * steps, windows.shape[1]))  # as many steps as fp8exp's epoch
     x = {"token_ids": windows[:, :-1], "padding_mask": np.ones(windows[:, :-1].shape, bool)}
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter() - self.started)
-
+    timer = CallTimer()
     lm.fit(x, windows[:, 1:], batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0,
-           callbacks=[Timer()])
-    return statistics.median(times[1:]) * 1e3
+           callbacks=[timer])
+    return statistics.median(timer.times[1:]) * 1e3
 
 
 def overhead_section(quick: bool, compose) -> str:
@@ -204,21 +196,13 @@ def data_section(quick: bool, compose, corpus) -> str:
                      .map(lambda texts: tokenizer(texts).flat_values, num_parallel_calls=tf.data.AUTOTUNE))
         keras_hub_total = time.perf_counter() - started
 
-        colds = []
-        for attempt in range(1 if quick else 3):
-            cfg = compose(*settings, f"data.cache_dir={tmp}/cache-{attempt}")
-            started = time.perf_counter()
-            splits = load(cfg.data, "causal_lm")
-            colds.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        assert load(cfg.data, "causal_lm").cache_hit
-        hit = time.perf_counter() - started
-    cold = statistics.median(colds)
-    rows = [["keras-hub (compute_sentence_piece_proto + SentencePieceTokenizer over tf.data, no packing)",
-             f"{vocab_seconds:.1f}", f"{keras_hub_total:.1f}"],
-            ["fp8exp, cold (read, split, byte-level BPE trained and applied, packed, cached)", "-",
-             f"{cold:.2f} ({', '.join(f'{c:.2f}' for c in colds)})"],
-            ["fp8exp, cached (fingerprint + load)", "-", f"{hit:.2f}"]]
+        colds, cached, splits = load_times(
+            lambda attempt: load(compose(*settings, f"data.cache_dir={tmp}/cache-{attempt}").data, "causal_lm"),
+            1 if quick else 3)
+    cold, hit = statistics.median(colds), statistics.median(cached)
+    rows = data_path_rows("keras-hub (compute_sentence_piece_proto + SentencePieceTokenizer over tf.data, no packing)",
+                          vocab_seconds, keras_hub_total,
+                          "fp8exp, cold (read, split, byte-level BPE trained and applied, packed, cached)", colds, cached)
     return (f"{len(frame):,} clothing reviews (`../shared/data`), vocabulary {vocabulary:,}, windows of "
             f"{sequence} + 1 tokens. keras-hub has no BPE trainer, so its row trains a SentencePiece model on the "
             f"same {len(train_texts):,}-row training split and tokenizes every row ({tokens:,} tokens), starting "

@@ -31,35 +31,15 @@ def compose(*overrides):
     return cfg
 
 
-class MinimalTimer:
-    """The plain script's only callback: wall time per training call."""
-
-    def __init__(self):
-        import keras
-
-        class _Timer(keras.callbacks.Callback):
-            def __init__(inner):
-                super().__init__()
-                inner.times = []
-
-            def on_train_batch_begin(inner, batch, logs=None):
-                inner.started = time.perf_counter()
-
-            def on_train_batch_end(inner, batch, logs=None):
-                inner.times.append(time.perf_counter() - inner.started)
-
-        self.callback = _Timer()
-
-
 def plain_keras_median_ms(x, y, hidden, batch, steps, seed) -> float:
     """The same model, data and precision in a plain Keras script: no Hydra, no MLflow."""
     import keras
 
-    from benchmarks.common import build
+    from benchmarks.common import CallTimer, build
 
     keras.utils.set_random_seed(seed)
     net = build("float8", hidden, x.shape[1], vocabulary_size=500)
-    timer = MinimalTimer().callback
+    timer = CallTimer()
     net.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0, callbacks=[timer])
     return statistics.median(timer.times[1:]) * 1e3
 
@@ -165,7 +145,7 @@ def data_path(quick: bool) -> str:
     import pandas as pd
     import tensorflow as tf
 
-    from benchmarks.common import markdown_table
+    from benchmarks.common import data_path_rows, load_times, markdown_table
     from fp8exp.data import load, sources
 
     if not CLOTHING.is_file():
@@ -191,22 +171,13 @@ def data_path(quick: bool) -> str:
         count = sum(int(np.asarray(b).shape[0]) for b in batches)
         keras_hub_total = time.perf_counter() - started
 
-        colds, cached = [], []
-        for attempt in range(3):
-            cfg = compose(*settings, f"data.cache_dir={tmp}/cache-{attempt}")
-            started = time.perf_counter()
-            splits = load(cfg.data)
-            colds.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            assert load(cfg.data).cache_hit
-            cached.append(time.perf_counter() - started)
+        colds, cached, splits = load_times(
+            lambda attempt: load(compose(*settings, f"data.cache_dir={tmp}/cache-{attempt}").data), 3)
         assert count == len(frame) == len(splits.y_train) + len(splits.y_val) + len(splits.y_test)
     cold, hit = statistics.median(colds), statistics.median(cached)
-    rows = [["keras-hub (compute_word_piece_vocabulary + WordPieceTokenizer over tf.data)",
-             f"{vocab_seconds:.1f}", f"{keras_hub_total:.1f}"],
-            ["fp8exp, cold (read, split, `tokenizers` vocabulary and ids, cache write)", "-",
-             f"{cold:.2f} ({', '.join(f'{c:.2f}' for c in colds)})"],
-            ["fp8exp, cached (fingerprint + load)", "-", f"{hit:.2f}"]]
+    rows = data_path_rows("keras-hub (compute_word_piece_vocabulary + WordPieceTokenizer over tf.data)",
+                          vocab_seconds, keras_hub_total,
+                          "fp8exp, cold (read, split, `tokenizers` vocabulary and ids, cache write)", colds, cached)
     return (f"{len(frame):,} clothing reviews (`../shared/data`), vocabulary 20,000, sequence 200; both "
             f"train a vocabulary on the same {len(train_texts):,}-row training split (each with its own trainer) "
             "and tokenize every row. The keras-hub row starts from texts in memory and is timed once; fp8exp's "

@@ -37,7 +37,20 @@ PER_TENSOR = ("current",)
 
 
 class _RecipeLayer:
-    """What RecipeDense and RecipeEinsumDense share: the recipe, its config, the record."""
+    """What RecipeDense and RecipeEinsumDense share: the recipe, its config, the record, and a
+    call that runs the subclass's `_product(inputs, kernel, record)` then bias and activation."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._add_record()
+
+    def call(self, inputs, training=None):
+        if self.lora_enabled:
+            raise NotImplementedError("FP8 recipes do not support LoRA")
+        return self._finish(self._product(inputs, ops.convert_to_tensor(self.kernel), self._record()))
+
+    def get_config(self):
+        return {**super().get_config(), **self._recipe_config()}
 
     def _init_recipe(self, recipe, track_scales: bool) -> None:
         if recipe is None:
@@ -83,18 +96,8 @@ class RecipeDense(_RecipeLayer, keras.layers.Dense):
         super().__init__(units, **kwargs)
         self._init_recipe(recipe, track_scales)
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._add_record()
-
-    def call(self, inputs, training=None):
-        if self.lora_enabled:
-            raise NotImplementedError("FP8 recipes do not support LoRA")
-        kernel = ops.convert_to_tensor(self.kernel)
-        return self._finish(quantized_matmul(inputs, kernel, self.recipe, self._record()))
-
-    def get_config(self):
-        return {**super().get_config(), **self._recipe_config()}
+    def _product(self, inputs, kernel, record):
+        return quantized_matmul(inputs, kernel, self.recipe, record)
 
 
 @keras.saving.register_keras_serializable(package="fp8exp")
@@ -105,18 +108,8 @@ class RecipeEinsumDense(_RecipeLayer, keras.layers.EinsumDense):
         super().__init__(equation, output_shape, **kwargs)
         self._init_recipe(recipe, track_scales)
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._add_record()
-
-    def call(self, inputs, training=None):
-        if self.lora_enabled:
-            raise NotImplementedError("FP8 recipes do not support LoRA")
-        kernel = ops.convert_to_tensor(self.kernel)
-        return self._finish(quantized_einsum(self.equation, inputs, kernel, self.recipe, self._record()))
-
-    def get_config(self):
-        return {**super().get_config(), **self._recipe_config()}
+    def _product(self, inputs, kernel, record):
+        return quantized_einsum(self.equation, inputs, kernel, self.recipe, record)
 
 
 SWAPS = {keras.layers.Dense: RecipeDense, keras.layers.EinsumDense: RecipeEinsumDense}
