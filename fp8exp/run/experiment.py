@@ -100,7 +100,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
     net = policy.build(cfg.precision, lambda: tasks.build_model(cfg, splits))
     train.compile_model(net, policy.optimizer(cfg.precision, cfg.trainer.learning_rate), trainer=cfg.trainer,
                         **tasks.compile_options(cfg, splits))
-    to_inputs = tasks.batch_inputs(cfg)  # split rows -> (model inputs, labels); None for classify
+    to_inputs = tasks.batch_inputs(cfg)  # split rows -> (model inputs, labels)
     steps = train.steps_per_epoch(len(splits.y_train), cfg.trainer)
     start_step = resume.state.step if resume else 0
     if resume and resume.state.meta["steps_per_epoch"] != steps:
@@ -150,8 +150,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             fp8_logger = whatif = None
             if cfg.precision.name == "float8" and cfg.tracking.name != "none":
                 probe_batch = slice(0, cfg.trainer.batch_size)
-                convert = to_inputs or (lambda x, y: (x, y))
-                probe = Probe(net, *convert(splits.x_val[probe_batch], splits.y_val[probe_batch])) \
+                probe = Probe(net, *to_inputs(splits.x_val[probe_batch], splits.y_val[probe_batch])) \
                     if cfg.tracking.fp8_probe else None
                 whatif = WhatIf(policy.run_recipe(cfg.precision)) if probe and cfg.tracking.get("fp8_whatif") else None
                 delayed = policy.run_recipe(cfg.precision) is None
@@ -176,9 +175,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             callbacks += [guard, checkpointer]
 
             with stop.deferred():  # until training ends: the Checkpointer acts on signals at step boundaries
-                result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks,
-                                                **({"start_step": start_step} if start_step else {}),
-                                                **({"to_inputs": to_inputs} if to_inputs else {}))
+                result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks, start_step, to_inputs)
         except stopping.Interrupted as interrupted:
             interrupted.run_id = run.run_id
             raise
@@ -217,7 +214,7 @@ def recipe_tags(cfg: DictConfig, net) -> dict[str, str]:
     return tags
 
 
-def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None, staging: Path | None = None,
+def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=train.as_they_are, staging: Path | None = None,
                whatif: WhatIf | None = None) -> dict[str, float]:
     """End-of-run FP8 verdicts: is the FP8 matmul real (compiled step), is FP8 healthy
     (scales, histories, probe), which layers it covers, and the what-if summary. Returns metrics to log."""
@@ -249,12 +246,11 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=None, stagin
     return metrics
 
 
-def report_fp8_gemm(run, net, splits, cfg: DictConfig, to_inputs=None) -> dict[str, float]:
+def report_fp8_gemm(run, net, splits, cfg: DictConfig, to_inputs=train.as_they_are) -> dict[str, float]:
     """Tag fp8.gemm, log the compiled step's HLO, and say so when FP8 is only emulated."""
     started = time.perf_counter()
     batch = slice(0, cfg.trainer.batch_size)
-    convert = to_inputs or (lambda x, y: (x, y))
-    gemm = inspect_train_step(net, *convert(splits.x_train[batch], splits.y_train[batch]))
+    gemm = inspect_train_step(net, *to_inputs(splits.x_train[batch], splits.y_train[batch]))
     run.set_tags({"fp8.gemm": gemm.verdict})
     run.log_text(gemm.hlo, "fp8/train_step_hlo.txt")
     if gemm.verdict != "fused":

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fp8exp.config import ConfigError
 from fp8exp.data import Splits
 from fp8exp.models import classifier, families
+from fp8exp.run import train
 
 
 def task_name(cfg: DictConfig) -> str:
@@ -46,9 +47,9 @@ def compile_options(cfg: DictConfig, splits: Splits) -> dict:
     return {"loss": classifier.loss_for(splits.num_classes)}
 
 
-def batch_inputs(cfg: DictConfig) -> Callable[[np.ndarray, np.ndarray], tuple[object, np.ndarray]] | None:
-    """(x rows, y rows) of the splits -> (model inputs, labels); None = as they are (the reference
-    classifier). A keras-hub family takes {"token_ids", "padding_mask"}: for classify the mask marks
+def batch_inputs(cfg: DictConfig) -> Callable[[np.ndarray, np.ndarray], tuple[object, np.ndarray]]:
+    """(x rows, y rows) of the splits -> (model inputs, labels): as they are for the reference
+    classifier (train.as_they_are). A keras-hub family takes {"token_ids", "padding_mask"}: for classify the mask marks
     the non-[PAD] ids; a packed causal_lm window has no padding, so every position counts."""
     if task_name(cfg) == "causal_lm":
         def to_inputs(windows: np.ndarray, _unused: np.ndarray):
@@ -57,7 +58,7 @@ def batch_inputs(cfg: DictConfig) -> Callable[[np.ndarray, np.ndarray], tuple[ob
 
         return to_inputs
     if cfg.model.family == "classifier":
-        return None
+        return train.as_they_are
     return lambda ids, labels: (families.classifier_inputs(ids), labels)
 
 

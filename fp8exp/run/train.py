@@ -94,6 +94,11 @@ class StepTimer(StepCallback):
         return sum(call.seconds for call in self.calls if call.compiled)
 
 
+def as_they_are(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows as model inputs and labels unchanged (the reference classifier's batches)."""
+    return x, y
+
+
 @dataclass
 class TrainResult:
     test: dict[str, float]
@@ -151,12 +156,11 @@ class OneTraining(keras.callbacks.CallbackList):
 
 def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
                      callbacks: list[keras.callbacks.Callback], start_step: int = 0,
-                     to_inputs=None) -> TrainResult:
+                     to_inputs=as_they_are) -> TrainResult:
     """Train from optimizer step `start_step` (0, or a checkpoint's) to the end, then evaluate.
     Each epoch is one `fit` call on that epoch's examples in `epoch_order`, skipping the batches
     a resumed epoch already trained on; Keras' own shuffling is off. `to_inputs(x, y)` turns split
-    rows into (model inputs, labels) (tasks.batch_inputs: causal_lm windows); None = as they are."""
-    convert = to_inputs or (lambda x, y: (x, y))
+    rows into (model inputs, labels) (tasks.batch_inputs)."""
     timer = StepTimer()
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar for people, a line per epoch for logs
     steps = steps_per_epoch(len(splits.y_train), trainer)
@@ -179,8 +183,8 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
                                   "partial_last": len(order) % trainer.batch_size != 0,
                                   "batch_size": trainer.batch_size, "samples": len(order)})
         model.fit(
-            *convert(splits.x_train[order], splits.y_train[order]),
-            validation_data=convert(splits.x_val, splits.y_val),
+            *to_inputs(splits.x_train[order], splits.y_train[order]),
+            validation_data=to_inputs(splits.x_val, splits.y_val),
             batch_size=trainer.batch_size,
             initial_epoch=epoch,
             epochs=epoch + 1,
@@ -190,7 +194,7 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
             verbose=verbose,
         )
     callback_list.finish()
-    test = model.evaluate(*convert(splits.x_test, splits.y_test), batch_size=trainer.batch_size,
+    test = model.evaluate(*to_inputs(splits.x_test, splits.y_test), batch_size=trainer.batch_size,
                           steps=trainer.eval_steps, return_dict=True, verbose=0)
     return TrainResult(
         test={key: float(value) for key, value in test.items()},
@@ -198,14 +202,13 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
     )
 
 
-def validate(model: keras.Model, splits: Splits, trainer: DictConfig, to_inputs=None) -> dict[str, float]:
+def validate(model: keras.Model, splits: Splits, trainer: DictConfig, to_inputs=as_they_are) -> dict[str, float]:
     """The validation metrics now, as an epoch's end computes them (`trainer.eval_steps` caps it).
     Between training steps (trainer.eval_every_steps), from a callback's `self.model`, which has
     synced fit's state into the variables: evaluation resets and fills the metric variables that
     fit reads its state back from, so their training values are put back afterwards."""
-    convert = to_inputs or (lambda x, y: (x, y))
     running = [keras.ops.convert_to_numpy(variable) for variable in model.metrics_variables]
-    values = model.evaluate(*convert(splits.x_val, splits.y_val), batch_size=trainer.batch_size,
+    values = model.evaluate(*to_inputs(splits.x_val, splits.y_val), batch_size=trainer.batch_size,
                             steps=trainer.eval_steps, return_dict=True, verbose=0)
     for variable, value in zip(model.metrics_variables, running):
         variable.assign(value)
