@@ -175,7 +175,8 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
             callbacks += [guard, checkpointer]
 
             with stop.deferred():  # until training ends: the Checkpointer acts on signals at step boundaries
-                result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks, start_step, to_inputs)
+                result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks, start_step=start_step,
+                                                to_inputs=to_inputs)
         except stopping.Interrupted as interrupted:
             interrupted.run_id = run.run_id
             raise
