@@ -48,8 +48,8 @@ class Faults(Callback):
         def failing(*args, **kwargs):
             raise RuntimeError("injected fault")
 
-        def killed(model, splits, trainer, callbacks):
-            return original(model, splits, trainer, [*callbacks, SigtermAfterTwoSteps()])
+        def killed(model, splits, trainer, callbacks, **kwargs):
+            return original(model, splits, trainer, [*callbacks, SigtermAfterTwoSteps()], **kwargs)
 
         train.fit_and_evaluate = failing if name == self.fail else killed if name == self.kill else original
 
