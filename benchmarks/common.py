@@ -33,16 +33,29 @@ class Timing:
     gemm: str
     fp8_matmuls: int
     fused: int
+    recipe: str | None = None
+    """float8's recipe (precision.recipe); None = delayed, Keras' own."""
+
+
+QUICK_RECIPES = ("delayed", "block")
+"""--quick times Keras' own recipe and one of fp8exp's (recipes share one code path): that the code runs."""
+
+
+def precision_config(name: str, recipe: str | None = None):
+    """A `precision` config as conf/precision/<name>.yaml composes it (float8: from mixed_bfloat16,
+    with `recipe`, each recipe's options at their defaults)."""
+    fp8 = name == "float8"
+    return OmegaConf.create(dict(name=name, skip=None, only=None, source_policy="mixed_bfloat16" if fp8 else None,
+                                 recipe=recipe if fp8 else None, amax_history_length=None, margin=None,
+                                 power_of_2_scales=None, block_size=None, grad_format=None))
 
 
 def build(precision_name: str, hidden_dim: int, sequence_length: int, num_layers: int = 1,
-          vocabulary_size: int = 20000, num_heads: int | None = None) -> keras.Model:
+          vocabulary_size: int = 20000, num_heads: int | None = None, recipe: str | None = None) -> keras.Model:
     heads = num_heads or (hidden_dim // 64 if hidden_dim >= 128 else 2)
     model_cfg = OmegaConf.create(dict(hidden_dim=hidden_dim, num_heads=heads, intermediate_dim=4 * hidden_dim
                                       if hidden_dim >= 512 else hidden_dim, num_layers=num_layers, dropout=0.1))
-    precision_cfg = OmegaConf.create(dict(name=precision_name, skip=None, only=None,
-                                          source_policy="mixed_bfloat16" if precision_name == "float8" else None,
-                                          amax_history_length=1024 if precision_name == "float8" else None))
+    precision_cfg = precision_config(precision_name, recipe)
     net = precision.build(precision_cfg, lambda: model.build_classifier(model_cfg, vocabulary_size, sequence_length, 2))
     net.compile(optimizer=precision.optimizer(precision_cfg, 1e-3), loss="binary_crossentropy", metrics=["accuracy"])
     return net
@@ -103,8 +116,8 @@ def time_steps(net: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int, 
 
 
 def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_size: int, steps: int,
-            num_layers: int = 1, check_gemm: bool = True) -> Timing:
-    net = build(precision_name, hidden_dim, sequence_length, num_layers)
+            num_layers: int = 1, check_gemm: bool = True, recipe: str | None = None) -> Timing:
+    net = build(precision_name, hidden_dim, sequence_length, num_layers, recipe=recipe)
     x, y = synthetic_batch_data(batch_size * steps, sequence_length)
     timer, _ = time_steps(net, x, y, batch_size, steps)
     times = timer.step_times()  # the first call of the timed fit is left out as if it compiled
@@ -112,7 +125,7 @@ def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_si
     report = fp8_gemm.inspect_train_step(net, x[:batch_size], y[:batch_size]) \
         if check_gemm and precision_name == "float8" else None
     return Timing(precision_name, hidden_dim, sequence_length, median * 1e3, report.verdict if report else "-",
-                  report.fp8_matmuls if report else 0, report.fused if report else 0)
+                  report.fp8_matmuls if report else 0, report.fused if report else 0, recipe)
 
 
 def machine() -> str:
@@ -141,3 +154,18 @@ def size_table(timings: list[Timing], baseline: str = "mixed_bfloat16") -> str:
         cells.append(f"{fp8.gemm} ({fp8.fused}/{fp8.fp8_matmuls})" if fp8 else "-")
         rows.append(cells)
     return markdown_table(["hidden", "seq"] + [f"{p} ms" for p in precisions] + ["fp8 speedup vs bf16", "FP8 GEMMs"], rows)
+
+
+def recipe_table(timings: list[Timing]) -> str:
+    """One row per (size, FP8 recipe): median ms/step, its cost against delayed (Keras' own
+    recipe) and its speed-up over mixed_bfloat16 where that was timed, and the GEMM check."""
+    keyed = {(t.hidden_dim, t.precision, t.recipe or "delayed"): t for t in timings}
+    rows = []
+    for hidden in sorted({t.hidden_dim for t in timings}):
+        delayed, bf16 = keyed.get((hidden, "float8", "delayed")), keyed.get((hidden, "mixed_bfloat16", "delayed"))
+        for t in (t for t in timings if t.hidden_dim == hidden and t.precision == "float8"):
+            rows.append([hidden, t.recipe or "delayed", f"{t.median_ms:.2f}",
+                         f"{t.median_ms / delayed.median_ms:.2f}x" if delayed else "-",
+                         f"{bf16.median_ms / t.median_ms:.2f}x" if bf16 else "-",
+                         f"{t.gemm} ({t.fused}/{t.fp8_matmuls})" if t.gemm != "-" else "-"])
+    return markdown_table(["hidden", "recipe", "ms/step", "cost vs delayed", "speed-up vs bf16", "FP8 GEMMs"], rows)

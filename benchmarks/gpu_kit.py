@@ -4,6 +4,7 @@ wheels benchmarks/gpu_wheels.sh downloads: no TensorFlow, no MLflow, no network.
 
     python -m benchmarks.gpu_kit                      # hidden 1024..8192, ~10 min on one H100/H200
     python -m benchmarks.gpu_kit --llama 2048 4096    # also Llama blocks at 1B / 8B shapes (language_models.py)
+    python -m benchmarks.gpu_kit --recipes            # also every FP8 recipe (precision.recipe) at hidden 4096, 8192
     python -m benchmarks.gpu_kit --quick              # tiny, to check the code runs (CPU is fine)
 """
 
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 from benchmarks import language_models
-from benchmarks.common import machine, measure, size_table
+from benchmarks.common import QUICK_RECIPES, machine, measure, recipe_table, size_table
+from fp8exp.config.precision import FP8_RECIPES
 
 
 def main(argv=None) -> int:
@@ -28,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--llama", type=int, nargs="*", default=[], choices=sorted(language_models.LLAMA_SHAPES),
                         help="hidden sizes of Llama-style causal LMs to time as well (Llama 3.2 1B / 3 8B blocks)")
     parser.add_argument("--llama-layers", type=int, default=4)
+    parser.add_argument("--recipes", type=int, nargs="*", metavar="HIDDEN",
+                        help="time every FP8 recipe against BF16 at these hidden sizes (default with the flag: 4096 8192)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -52,6 +56,18 @@ def main(argv=None) -> int:
             print(f"llama hidden {timing.hidden_dim} {precision}: {timing.median_ms:.2f} ms/step, "
                   f"{timing.tokens_per_s:,.0f} tokens/s, FP8 GEMMs {timing.gemm}", flush=True)
             llama.append(timing)
+    recipes = [4096, 8192] if args.recipes == [] else args.recipes or []
+    if args.quick and recipes:
+        recipes = [args.sizes[0]]
+    by_recipe = []
+    for hidden in recipes:
+        by_recipe.append(measure("mixed_bfloat16", hidden, args.sequence, args.batch, args.steps, num_layers=args.layers))
+        for recipe in QUICK_RECIPES if args.quick else FP8_RECIPES:
+            timing = measure("float8", hidden, args.sequence, args.batch, args.steps, num_layers=args.layers,
+                             recipe=None if recipe == "delayed" else recipe)
+            print(f"hidden {hidden} float8 recipe {recipe}: {timing.median_ms:.2f} ms/step, FP8 GEMMs {timing.gemm}",
+                  flush=True)
+            by_recipe.append(timing)
     fp8 = [t for t in timings if t.precision == "float8"]
     verdict = ("every FP8 matmul ran as an FP8 GEMM" if all(t.gemm == "fused" for t in fp8) else
                "**not every FP8 matmul ran as an FP8 GEMM** (see the last column): the speed-up understates FP8")
@@ -60,6 +76,11 @@ def main(argv=None) -> int:
             f"(M = {args.batch * args.sequence} tokens per GEMM), intermediate 4x hidden, median of {args.steps} "
             f"steps after compilation. FP8 = Keras delayed scaling (amax history 1024) from mixed_bfloat16. "
             f"Check: {verdict}.\n\n" + size_table(timings) + "\n")
+    if by_recipe:
+        text += ("\nEvery FP8 recipe (`precision.recipe`), the same model and batch: its step time against BF16 and "
+                 "against delayed, and whether its matmuls ran as FP8 GEMMs (`fused`) or were emulated (block and "
+                 "mxfp8 are emulated unless JAX has block-scaled FP8 dots for this GPU):\n\n"
+                 + recipe_table(by_recipe) + "\n")
     if llama:
         text += (f"\nLlama-style causal LMs ({args.llama_layers} blocks at Llama 3.2 1B / Llama 3 8B shapes: grouped-query "
                  f"attention, SwiGLU; vocabulary 32,000), batch {args.batch} x sequence {args.sequence}, next-token "

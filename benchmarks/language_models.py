@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from omegaconf import OmegaConf
 
-from benchmarks.common import CallTimer, data_path_rows, load_times, markdown_table, time_steps
+from benchmarks.common import CallTimer, data_path_rows, load_times, markdown_table, precision_config, time_steps
 from fp8exp.models import families
 from fp8exp.precision import gemm as fp8_gemm
 from fp8exp.precision import policy as precision
@@ -43,12 +43,6 @@ def model_config(family: str, size: str = "tiny", **overrides):
     """conf/model/<family>_<size>.yaml with `overrides`, as the runner composes it."""
     path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{family}_{size}.yaml"
     return OmegaConf.merge(OmegaConf.load(path), overrides)
-
-
-def precision_config(name: str):
-    return OmegaConf.create(dict(name=name, skip=None, only=None,
-                                 source_policy="mixed_bfloat16" if name == "float8" else None,
-                                 amax_history_length=1024 if name == "float8" else None))
 
 
 def build(family: str, precision_name: str, model_cfg, vocabulary_size: int) -> keras.Model:

@@ -201,6 +201,32 @@ def sizes(quick: bool) -> str:
             + size_table(timings) + "\n")
 
 
+def recipes(quick: bool) -> str:
+    """Each FP8 recipe's emulation cost against delayed on the reference model (goal: at most 1.5x)."""
+    import dataclasses
+    import statistics
+
+    from benchmarks.common import QUICK_RECIPES, measure, recipe_table
+    from fp8exp.config.precision import FP8_RECIPES
+
+    hidden, length, batch, steps, repeats = (32, 16, 4, 3, 1) if quick else (512, 200, 8, 8, 3)
+    medians: dict[str, list] = {recipe: [] for recipe in (QUICK_RECIPES if quick else FP8_RECIPES)}
+    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every recipe alike
+        for recipe in medians:
+            medians[recipe].append(measure("float8", hidden, length, batch, steps, check_gemm=False,
+                                           recipe=None if recipe == "delayed" else recipe))
+    timings = [dataclasses.replace(runs[0], median_ms=statistics.median(t.median_ms for t in runs))
+               for runs in medians.values()]
+    delayed = timings[0].median_ms
+    worst = max(timings, key=lambda t: t.median_ms)
+    return (f"The reference classifier (one decoder layer) at hidden {hidden}, sequence {length}, batch {batch}; per "
+            f"recipe the median of {steps} steps after compilation, and of {repeats} interleaved repeats. **On a CPU "
+            "every recipe is an emulation** (quantize-dequantize in the jitted step, around bf16 matmuls): this is "
+            "what the emulation costs, not FP8 speed (the GPU kit's `--recipes` measures that).\n\n"
+            + recipe_table(timings) + f"\n\nThe costliest, {worst.recipe or 'delayed'}, is "
+            f"{worst.median_ms / delayed:.2f}x delayed's step time (goal: at most 1.5x).\n")
+
+
 def _language_models():
     from benchmarks import language_models
 
@@ -212,6 +238,7 @@ SECTIONS = {"overhead": ("Framework overhead", framework_overhead),
             "startup": ("Start-up", startup),
             "data": ("Data path", data_path),
             "sizes": ("Step time across sizes (CPU)", sizes),
+            "recipes": ("FP8 recipes (emulation cost)", recipes),
             "families": ("Model families (CPU)", lambda quick: _language_models().family_section(quick)),
             "lm_overhead": ("Language-model overhead", lambda quick: _language_models().overhead_section(quick, compose)),
             "lm_data": ("Language-model data path",

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from benchmarks import gpu_kit, language_models, run
-from benchmarks.common import Timing, size_table
+from benchmarks.common import QUICK_RECIPES, Timing, recipe_table, size_table
 from tests.conftest import needs_clothing
 
 pytestmark = pytest.mark.slow
@@ -18,13 +18,24 @@ def test_size_table_reports_fp8_speedup_against_bf16():
     assert "| 1024 | 512 | 10.00 | 8.00 | 1.25x | fused (6/6) |" in table
 
 
+def test_recipe_table_costs_each_recipe_against_delayed_and_bf16():
+    table = recipe_table([Timing("mixed_bfloat16", 4096, 512, 30.0, "-", 0, 0),
+                          Timing("float8", 4096, 512, 20.0, "fused", 6, 6),
+                          Timing("float8", 4096, 512, 25.0, "emulated", 6, 0, recipe="block")])
+    assert "| 4096 | delayed | 20.00 | 1.00x | 1.50x | fused (6/6) |" in table
+    assert "| 4096 | block | 25.00 | 1.25x | 1.20x | emulated (0/6) |" in table
+
+
 def test_quick_sections_write_their_tables(tmp_path):
     """The size sweep shares its code (common.measure, size_table) with the GPU kit below."""
     out = tmp_path / "benchmarks.md"
-    assert run.main(["--quick", "--only", "overhead", "honest", "--out", str(out)]) == 0
+    assert run.main(["--quick", "--only", "overhead", "honest", "recipes", "--out", str(out)]) == 0
     text = out.read_text()
-    for heading in ("## Framework overhead", "## Honest step time", "## GPU kit"):
+    for heading in ("## Framework overhead", "## Honest step time", "## FP8 recipes (emulation cost)", "## GPU kit"):
         assert heading in text
+    for recipe in QUICK_RECIPES:  # --quick: delayed and one of fp8exp's recipes, the two code paths
+        assert re.search(rf"\| 32 \| {recipe} \| \d+\.\d\d \| \d+\.\d\dx \| - \| - \|", text), recipe
+    assert re.search(r"is \d+\.\d\dx delayed's step time \(goal: at most 1.5x\)", text)
     assert re.search(r"\*\*Median ratio \d+\.\d{3}\*\*", text)
     assert re.search(r"\| float8 \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d%", text)
 
@@ -38,8 +49,10 @@ def test_quick_data_path_section(tmp_path):
 
 def test_gpu_kit_runs_on_cpu_and_says_fp8_was_not_fused(tmp_path):
     out = tmp_path / "gpu.md"
-    assert gpu_kit.main(["--quick", "--llama", "2048", "--out", str(out)]) == 0
+    assert gpu_kit.main(["--quick", "--llama", "2048", "--recipes", "--out", str(out)]) == 0
     text = out.read_text()
+    for recipe in QUICK_RECIPES:  # each recipe against bf16 at the quick size, with its GEMM check
+        assert re.search(rf"\| 32 \| {recipe} \| \d+\.\d\d \| \d+\.\d\dx \| \d+\.\d\dx \| emulated \(0/\d+\) \|", text), recipe
     assert re.search(r"\| llama \| 64 \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| emulated \(0/\d+\) \|", text)
     assert "**not every FP8 matmul ran as an FP8 GEMM**" in text
     assert "emulated (0/24)" in text  # the CPU's FP8 is labelled as emulation

@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from fp8exp.config import PRECISIONS, ConfigError, tracking_uri, validate
+from fp8exp.config.precision import FP8_RECIPES
 from fp8exp.config.schema import model_name
 from tests.conftest import CONF, compose_config
 
@@ -17,7 +18,16 @@ FAMILY_MODELS = [f"{family}_{size}" for family in ("bert", "gemma", "gpt2", "lla
 
 def test_presets_are_the_documented_ones():
     assert MODELS == sorted(CLASSIFIER_MODELS + FAMILY_MODELS)
-    assert sorted(p.stem for p in (CONF / "precision").glob("*.yaml")) == sorted(PRECISIONS)
+    shorthands = [f"float8_{recipe}" for recipe in FP8_RECIPES if recipe != "delayed"]
+    assert sorted(p.stem for p in (CONF / "precision").glob("*.yaml")) == sorted([*PRECISIONS, *shorthands])
+
+
+@pytest.mark.parametrize("recipe", [r for r in FP8_RECIPES if r != "delayed"])
+def test_float8_recipe_shorthands_are_float8_with_the_recipe(recipe):
+    cfg = compose_config(f"precision=float8_{recipe}", "precision.grad_format=e5m2")
+    validate(cfg)
+    assert (cfg.precision.name, cfg.precision.recipe, cfg.precision.grad_format) == ("float8", recipe, "e5m2")
+    assert cfg.precision.source_policy == compose_config("precision=float8").precision.source_policy
 
 
 @pytest.mark.parametrize("precision,model", itertools.product(PRECISIONS, MODELS))

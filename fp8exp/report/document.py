@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from fp8exp.report import inference, parity
+from fp8exp.report import inference, parity, recipes
 from fp8exp.report.plots import (
     plot_accuracy,
     plot_fp8_scales,
@@ -92,6 +92,7 @@ def write_report(client, source: Source, out: Path, speed_noise: float = SPEED_N
               "run's median step; speedup = baseline step time / this step time, within "
               f"±{speed_noise:.0%} of 1.00x no clear speed change."), ""]
     lines += parity.markdown_section(rows, parities, parity_threshold)
+    lines += recipes.markdown_section(rows, parities, left_out)
     if inference.has_inference(rows):  # python -m fp8exp.infer_bench ran on this sweep
         lines += ["## Inference", "", inference.inference_table(rows), "", f"> {inference.NOTE}", ""]
     if panels:
