@@ -49,7 +49,8 @@ def is_tiny(row: Row) -> bool:
     return any(run.params.get("model.size") == "tiny" for run in row.runs)
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
+    """A relative error as a signed percentage: 0.0012 -> "+0.120%"."""
     return f"{x * 100:+.3f}%"
 
 
@@ -94,7 +95,7 @@ class Parity:
 
     @property
     def interval(self) -> str:
-        return f"[{_pct(self.low)}, {_pct(self.high)}]" if self.low is not None else ""
+        return f"[{percent(self.low)}, {percent(self.high)}]" if self.low is not None else ""
 
 
 def loss_parity(rows: list[Row], threshold: float = PARITY_THRESHOLD) -> list[Parity]:
@@ -128,7 +129,7 @@ def parity_line(parity: Parity, noise: float = SPEED_NOISE) -> str:
     if parity.mean is None:
         return f"{parity.row.label}: final val loss: {parity.verdict}; {speed}"
     interval = f" [95% CI {parity.interval[1:-1]}]" if parity.low is not None else ""
-    return (f"{parity.row.label}: final val loss {_pct(parity.mean)} vs {BASELINE}{interval} -> {parity.verdict} "
+    return (f"{parity.row.label}: final val loss {percent(parity.mean)} vs {BASELINE}{interval} -> {parity.verdict} "
             f"(threshold {parity.threshold * 100:.2f}%); {speed}")
 
 
@@ -169,8 +170,8 @@ def markdown_section(rows: list[Row], parities: list[Parity], threshold: float =
         elif p is None:
             cells = ["–", "", f"no {BASELINE} run at this setting"]
         else:
-            error = "–" if p.mean is None else f"{_pct(p.mean)} {p.interval} (paired, n={p.n})".replace("  ", " ")
-            cells = [error, ", ".join(f"{s}: {_pct(e)}" for s, e in p.errors.items()), p.verdict]
+            error = "–" if p.mean is None else f"{percent(p.mean)} {p.interval} (paired, n={p.n})".replace("  ", " ")
+            cells = [error, ", ".join(f"{s}: {percent(e)}" for s, e in p.errors.items()), p.verdict]
         table.append([_label(row), str(len(row.runs)), loss, *cells])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in table]
@@ -230,7 +231,7 @@ def curve_panels(rows: list[Row], parities: list[Parity] = ()) -> list[tuple[str
     panels = []
     for group in groups.values():
         title = f"{group[0].size_label} ({model_name(group[0])})" if model_name(group[0]) else group[0].size_label
-        title += "".join(f"\n{p.row.precision}: {_pct(p.mean)} {p.interval}".rstrip() + f", {p.verdict}"
+        title += "".join(f"\n{p.row.precision}: {percent(p.mean)} {p.interval}".rstrip() + f", {p.verdict}"
                          for p in parities if any(p.row is r for r in group) and p.mean is not None)
         panels.append((title, sorted(group, key=lambda r: (r.precision != BASELINE, r.precision))))
     return panels

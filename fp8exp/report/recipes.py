@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fp8exp.report.parity import Parity, _pct, is_lm
+from fp8exp.report.parity import Parity, is_lm, percent
 from fp8exp.report.rows import Row
 from fp8exp.report.runs import BASELINE, PRECISION, STEP_MS
 from fp8exp.report.stats import MIN_SEEDS, mean_ci, seed_order
-from fp8exp.report.tables import _pts
+from fp8exp.report.tables import points
 
 RECIPE = "precision.recipe"
 DELAYED = "delayed"
@@ -105,8 +105,8 @@ def _difference(mean: float | None, low: float | None, high: float | None, lm: b
     if mean is None:
         return "–"
     if lm:
-        return _pct(mean) + (f" [{_pct(low)}, {_pct(high)}]" if low is not None else "")
-    return f"{_pts(mean)} pts" + (f" [{_pts(low)}, {_pts(high)}]" if low is not None else "")
+        return percent(mean) + (f" [{percent(low)}, {percent(high)}]" if low is not None else "")
+    return f"{points(mean)} pts" + (f" [{points(low)}, {points(high)}]" if low is not None else "")
 
 
 def _to_top(item: Ranked, lm: bool, top: bool) -> str:

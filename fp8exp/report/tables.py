@@ -16,7 +16,8 @@ SPEED_NOISE = 0.03
 runs differ by a few percent (other load, clocks). `python -m fp8exp.report --speed-noise` sets it."""
 
 
-def _pts(x: float) -> str:
+def points(x: float) -> str:
+    """A fraction as signed percentage points: 0.0123 -> "+1.23"."""
     return f"{x * 100:+.2f}"
 
 
@@ -49,10 +50,10 @@ def delta_cell(row: Row) -> str:
         return "–"
     how = f"paired, n={d.n}" if d.paired else f"unpaired, n={d.n} vs {d.n_baseline}"
     if d.constant:
-        return f"{_pts(d.mean)} pts ({how}, no variance)"
+        return f"{points(d.mean)} pts ({how}, no variance)"
     if d.low is None:
-        return f"{_pts(d.mean)} pts (n={min(d.n, d.n_baseline)}, no CI)"
-    return f"{_pts(d.mean)} pts [{_pts(d.low)}, {_pts(d.high)}] ({how})"
+        return f"{points(d.mean)} pts (n={min(d.n, d.n_baseline)}, no CI)"
+    return f"{points(d.mean)} pts [{points(d.low)}, {points(d.high)}] ({how})"
 
 
 def table_cells(row: Row, noise: float = SPEED_NOISE) -> list[str]:
@@ -103,8 +104,8 @@ def headline(rows: list[Row], noise: float = SPEED_NOISE) -> list[str]:
         if row.delta is None:
             continue
         d = row.delta
-        interval = f" [95% CI {_pts(d.low)}, {_pts(d.high)}] -> {d.verdict}" if d.low is not None else f" ({d.verdict})"
-        lines.append(f"{row.label}: accuracy {_pts(d.mean)} pts vs {BASELINE}{interval}; "
+        interval = f" [95% CI {points(d.low)}, {points(d.high)}] -> {d.verdict}" if d.low is not None else f" ({d.verdict})"
+        lines.append(f"{row.label}: accuracy {points(d.mean)} pts vs {BASELINE}{interval}; "
                      f"{speed_verdict(row.speedup, noise) or 'no step time'}")
     return lines
 
