@@ -164,7 +164,7 @@ def test_a_saved_language_model_and_a_family_classifier_serve_without_fp8exp(tmp
     assert meta["keras_inputs"] == "token_ids+padding_mask" and meta["task"] == "classify"
     classifier_dir = saved(classifier, meta, tmp_path / "classifier")
     for directory in (lm_dir, classifier_dir):
-        assert {p.name for p in (directory / "code").iterdir()} == {"textmodel", "pooling.py"}
+        assert {p.name for p in (directory / "code").iterdir()} == {"textmodel", "pooling.py", "recipes"}
     assert {p.name for p in (lm_dir / "artifacts").iterdir()} == {"model.keras", "fp8exp_model.json",
                                                                   "vocabulary.txt", "merges.txt"}
 

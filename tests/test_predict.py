@@ -453,7 +453,7 @@ def garbage_in_keras_file(files: Path) -> None:
     ("empty stdin", "stdin has no text to classify (empty)"),
     ("truncated file", "model/artifacts/model.keras is corrupt"),
     ("not a zip", "model/artifacts/model.keras is corrupt"),
-    ("older format", "the model was saved by fp8exp 0.0.9 in model format 0; this fp8exp reads formats 1, 2"),
+    ("older format", "the model was saved by fp8exp 0.0.9 in model format 0; this fp8exp reads formats 1, 2, 3"),
 ])
 def test_predict_bad_input_is_one_line_and_exit_2(store, runs, tmp_path, capsys, case, message):
     run_id, args, stdin = runs["float8"], [], io.StringIO("")

@@ -275,4 +275,5 @@ def test_a_recipe_run_trains_and_logs_its_fp8_state(recipe_runs, recipe, tmp_pat
     table = Path(client.download_artifacts(run_id, "fp8/layers.md", str(tmp_path))).read_text()
     assert f"| head | RecipeDense | float8_{recipe}_from_mixed_bfloat16 | 33 |" in table
     assert "| transformer_decoder/self_attention/query | RecipeEinsumDense |" in table and "FP8 covers 8 layers" in table
-    assert "model" not in {a.path for a in client.list_artifacts(run_id)}  # saving recipe models comes later
+    [model] = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    assert model.tags["fp8exp.recipe_layers"] == "8"  # saved as other runs are (tests/test_recipes_serve.py serves them)

@@ -193,10 +193,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
         if cfg.precision.name == "float8":
             final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
         run.log_metrics(final, step=result.steps)
-        if cfg.tracking.get("save_model", True) and run.run_id and policy.run_recipe(cfg.precision) is not None:
-            log.info("Not saving the model: saving and serving models trained with precision.recipe=%s comes later",
-                     cfg.precision.recipe)
-        elif cfg.tracking.get("save_model", True) and run.run_id:
+        if cfg.tracking.get("save_model", True) and run.run_id:
             log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
 
     outcome = Outcome(run.run_id, name, final, run.delivery_note)

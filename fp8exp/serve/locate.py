@@ -145,10 +145,12 @@ def load(run_id: str | None, tracking_uri: str | None, scratch: Path, model_id: 
 
 
 def load_directory(directory: Path, name: str):
-    """The saved model in `directory` (checked by check_files), with fp8exp's own pooling layer
-    registered (a family classifier's config names it), as the pyfunc model imports its shipped copy."""
+    """The saved model in `directory` (checked by check_files), with fp8exp's own pooling layer (a
+    family classifier's config names it) and recipe layers registered, as the pyfunc model imports
+    its shipped copies."""
     import fp8exp  # noqa: F401  (the Keras backend)
     from fp8exp.models import pooling  # noqa: F401  (registers fp8exp>SequencePooling)
+    from fp8exp.precision.recipes import layers  # noqa: F401  (registers fp8exp>RecipeDense, RecipeEinsumDense)
     from fp8exp.serve import textmodel as serving
 
     try:

@@ -20,6 +20,7 @@ def model_tags(meta: dict) -> dict[str, str]:
             "fp8exp.class_names": ", ".join(meta["class_names"]),
             "fp8exp.sequence_length": str(meta["sequence_length"]),
             "fp8exp.quantized_layers": str(len(meta["quantized_layers"])),
+            "fp8exp.recipe_layers": str(len(meta.get("recipe_layers", {}))),
             "fp8exp.model_format": str(meta["format"]), "fp8exp.version": meta["fp8exp_version"],
             "fp8exp.keras_version": meta["keras_version"]}
 

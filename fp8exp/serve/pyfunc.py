@@ -1,11 +1,11 @@
 """The MLflow "model from code" of every saved fp8exp model: `mlflow.pyfunc.load_model(...).predict`
 and `mlflow models serve` run it. save.py hands this file to MLflow, which keeps a copy in the model
-directory, with this package's serving code beside it (code/textmodel/ and code/pooling.py, on
-sys.path when MLflow loads the model).
+directory, with this package's serving code beside it (code/textmodel/, code/pooling.py and
+code/recipes/, the FP8 recipe layers; on sys.path when MLflow loads the model).
 
 It imports only the standard library, pandas and MLflow, and, once MLflow loads the model, the
-shipped textmodel package and pooling module: never the rest of fp8exp, so the logged model serves
-without fp8exp installed (`mlflow models serve -m models:/MODEL_ID --env-manager local`).
+shipped textmodel package, pooling module and recipes package: never the rest of fp8exp, so the
+logged model serves without fp8exp installed (`mlflow models serve -m models:/MODEL_ID --env-manager local`).
 
 Inputs are strings (a synthetic run's are token ids separated by spaces, "5 17 33"): a DataFrame
 with a column `text` (or one unnamed column), a Series, a list or NumPy array of strings, one
@@ -42,8 +42,12 @@ class PyfuncTextModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         # From the model's code/ folder, which MLflow puts on sys.path before it loads this file.
+        import keras
         import pooling  # noqa: F401  (registers fp8exp>SequencePooling, the families' classifier pooling)
         import textmodel
+
+        if keras.saving.get_registered_object("fp8exp>RecipeDense") is None:  # else fp8exp's own, in this process
+            import recipes.layers  # noqa: F401  (registers fp8exp>RecipeDense and fp8exp>RecipeEinsumDense)
 
         self.textmodel = textmodel
         self.model = textmodel.from_artifacts(context.artifacts)

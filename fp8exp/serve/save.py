@@ -1,8 +1,9 @@
 """Save a trained model: the `.keras` file without optimizer state, its tokenizer files and metadata, as
-an MLflow pyfunc model whose code is serve/pyfunc.py with serve/textmodel/ and models/pooling.py beside
-it, logged as the run's MLflow LoggedModel named `model` (see log_model), or as the run's plain artifact
-`model/` when the store cannot take one. Classifiers (the reference one and the keras-hub families')
-and language models (task=causal_lm) alike; textmodel/__init__.py lists the files."""
+an MLflow pyfunc model whose code is serve/pyfunc.py with serve/textmodel/, models/pooling.py and
+precision/recipes/ beside it, logged as the run's MLflow LoggedModel named `model` (see log_model), or
+as the run's plain artifact `model/` when the store cannot take one. Classifiers (the reference one and
+the keras-hub families') and language models (task=causal_lm) alike, in any precision and FP8 recipe;
+textmodel/__init__.py lists the files."""
 
 from __future__ import annotations
 
@@ -12,61 +13,13 @@ import os
 from pathlib import Path
 
 from fp8exp.models import pooling
+from fp8exp.precision import recipes
 from fp8exp.serve import logged, pyfunc, textmodel
-from fp8exp.serve.textmodel import (
-    ARTIFACT_PATH,
-    FORMAT,
-    KERAS_FILE,
-    META_FILE,
-    TOKENIZER_FILES,
-)
+from fp8exp.serve.meta import describe, describe_run  # noqa: F401  (callers and tests use save.describe)
+from fp8exp.serve.textmodel import ARTIFACT_PATH, KERAS_FILE, META_FILE, TOKENIZER_FILES
 from fp8exp.tracking.offline import MODEL_ID_TAG
 
 log = logging.getLogger(__name__)
-
-
-def quantized_layers(net) -> dict[str, dict]:
-    """Layer path -> serialized dtype policy, for every layer whose policy quantizes."""
-    import keras
-
-    return {layer.path: keras.dtype_policies.serialize(layer.dtype_policy)
-            for layer in net._flatten_layers(include_self=False)
-            if getattr(layer.dtype_policy, "quantization_mode", None)}
-
-
-def describe(net, *, precision: str, class_names: list[str], sequence_length: int, lowercase: bool,
-             vocabulary_size: int, has_vocabulary: bool, fp8exp_version: str, run_id: str | None = None,
-             task: str = "classify", tokenizer: str | None = None, end_of_text_id: int | None = None,
-             max_length: int | None = None, special_tokens: list[str] | None = None) -> dict:
-    """The metadata `fp8exp_model.json` holds. `tokenizer`: wordpiece (the default for a model with
-    a vocabulary) | bpe | None (token ids). Language models: `end_of_text_id` (generation stops
-    there; every prompt starts after it) and `max_length` (prompt and continuation together)."""
-    from importlib import metadata
-
-    tokenizer = (tokenizer or "wordpiece") if has_vocabulary else None
-    return {
-        "format": FORMAT,
-        "fp8exp_version": fp8exp_version,
-        "keras_version": metadata.version("keras"),
-        "keras_hub_version": metadata.version("keras-hub"),
-        "run_id": run_id,
-        "task": task,
-        "model_class": type(net).__name__,
-        "keras_inputs": textmodel.files.IDS_AND_MASK if isinstance(net.input, dict) else "token_ids",
-        "precision": precision,
-        "dtype_policy": net.dtype_policy.name,
-        "class_names": list(class_names),
-        "sequence_length": int(sequence_length),
-        "max_length": int(max_length or sequence_length),
-        "end_of_text_id": None if end_of_text_id is None else int(end_of_text_id),
-        "lowercase": bool(lowercase),
-        "vocabulary_size": int(vocabulary_size),
-        "input": "text" if has_vocabulary else "token_ids",
-        "tokenizer": tokenizer,
-        "tokenizer_files": sorted(TOKENIZER_FILES.get(tokenizer, {}).values()),
-        "special_tokens": list(special_tokens or []),
-        "quantized_layers": quantized_layers(net),
-    }
 
 
 def save_keras(net, path: Path) -> None:
@@ -88,8 +41,8 @@ def pip_requirements() -> list[str]:
     which loads the model in a subprocess); `tokenizers` runs keras-hub's BPE."""
     from importlib import metadata
 
-    names = ["mlflow", "keras", "keras-hub", "jax", "jaxlib", "numpy", "pandas", "tensorflow-text", "tensorflow",
-             "tokenizers"]
+    names = ["mlflow", "keras", "keras-hub", "jax", "jaxlib", "ml-dtypes", "numpy", "pandas", "tensorflow-text",
+             "tensorflow", "tokenizers"]
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 
@@ -137,9 +90,9 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
                     (staging / TOKENIZER_FILES["bpe"][name]).write_text("".join(f"{line}\n" for line in lines),
                                                                          encoding="utf-8")
                     artifacts[name] = str(staging / TOKENIZER_FILES["bpe"][name])
-            # The serving code MLflow puts on sys.path for pyfunc.py: the package, and the pooling layer
-            # a family classifier's config names.
-            code_paths = [str(Path(textmodel.__file__).parent), pooling.__file__]
+            # The serving code MLflow puts on sys.path for pyfunc.py: the package, the pooling layer a
+            # family classifier's config names, and the FP8 recipe layers (code/recipes/).
+            code_paths = [str(Path(textmodel.__file__).parent), pooling.__file__, str(Path(recipes.__file__).parent)]
             mlflow.pyfunc.save_model(str(directory), python_model=pyfunc.__file__, artifacts=artifacts,
                                      code_paths=code_paths, signature=signature(meta),
                                      pip_requirements=pip_requirements(), mlflow_model=mlflow_model)
@@ -150,22 +103,6 @@ def save_mlflow_model(directory: Path, net, meta: dict, vocabulary: list[str] | 
             else:
                 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = progress
     return directory
-
-
-def describe_run(net, splits, cfg, fp8exp_version: str, run_id: str | None) -> dict:
-    """describe() for a run's model and data: a language model's end-of-text id and maximum length
-    (the trained window); BPE's special token."""
-    from fp8exp.data import bpe
-
-    # Prompt and continuation stay within the positions training used (data.sequence_length): GPT-2's
-    # position rows beyond it were never trained, and rotary models would extrapolate.
-    max_length = splits.sequence_length if splits.task == "causal_lm" else None
-    return describe(net, precision=cfg.precision.name, class_names=splits.class_names,
-                    sequence_length=splits.sequence_length, lowercase=bool(cfg.data.get("lowercase", False)),
-                    vocabulary_size=splits.vocabulary_size, has_vocabulary=splits.vocabulary is not None,
-                    fp8exp_version=fp8exp_version, run_id=run_id, task=splits.task, tokenizer=splits.tokenizer,
-                    end_of_text_id=splits.end_of_text_id, max_length=max_length,
-                    special_tokens=[bpe.END_OF_TEXT] if splits.tokenizer == "bpe" else None)
 
 
 def log_model(run, net, splits, cfg, staging: Path) -> str | None:

@@ -5,12 +5,14 @@ quantized matmul of matmul.py.
 Why a class swap rather than a dtype policy: a policy with a quantization mode sends Keras to
 its own `_float8_call` (delayed scaling), and one without changes nothing in `Dense.call`. The
 swap keeps the layer object, its name, path and variables; the kernel stays a normal float
-variable. The classes are registered Keras serializables whose config adds the recipe, so
+variable. The classes are registered Keras serializables ("fp8exp>RecipeDense",
+"fp8exp>RecipeEinsumDense": saved models name them) whose config adds every recipe option, so
 `model.save` / `keras.saving.load_model` restore them (with this module imported) wherever the
 model's own config builds the layer: a functional model's layers. A layer that a subclassed layer
-builds in its constructor (keras-hub blocks) comes back as plain Dense holding the same weights:
-apply the recipe again after loading. Keras names a functional model's weight groups after the
-layer classes (`layers/recipe_dense`), so its weights file loads into recipe layers, not plain ones.
+builds itself (keras-hub blocks, MultiHeadAttention) comes back as plain Dense holding the same
+weights: `adopt` makes it a recipe layer again (serve/textmodel does, from the saved metadata).
+Keras names a functional model's weight groups after the layer classes (`layers/recipe_dense`),
+so its weights file loads into recipe layers, not plain ones.
 
 Each recipe layer also carries `scale_stats`, float32 (3, 6): rows matmul.RECORD_TENSORS
 (forward X and W, dgrad dY), columns stats.COLUMNS, overwritten with this step's values through
@@ -50,12 +52,30 @@ class _RecipeLayer:
         return self._finish(self._product(inputs, ops.convert_to_tensor(self.kernel), self._record()))
 
     def get_config(self):
-        return {**super().get_config(), **self._recipe_config()}
+        return {**super().get_config(), **self.recipe_config()}
+
+    @classmethod
+    def adopt(cls, layer, recipe, track_scales: bool = True):
+        """Make `layer`, a built Dense (for RecipeDense) or EinsumDense (RecipeEinsumDense) of exactly
+        that type, this recipe layer in place: apply_recipe's swap, and how a loader restores the
+        recipe layers that a reloaded keras-hub block rebuilt as plain ones. Returns the layer."""
+        base = BASES[cls]
+        if type(layer) not in (base, cls):
+            raise TypeError(f"{layer.path or layer.name}: {type(layer).__name__} cannot become {cls.__name__}, "
+                            f"only {base.__name__} can")
+        layer.__class__ = cls
+        layer._init_recipe(recipe, track_scales)
+        layer._add_record()
+        return layer
 
     def _init_recipe(self, recipe, track_scales: bool) -> None:
         if recipe is None:
             raise ValueError(f"{type(self).__name__} needs a recipe")
-        recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(dict(recipe))
+        if not isinstance(recipe, Recipe):
+            try:
+                recipe = Recipe.from_config(dict(recipe))
+            except TypeError as error:  # a config from elsewhere: unknown or missing options
+                raise ValueError(f"{type(self).__name__}: {recipe!r} is not a recipe config ({error})") from None
         if recipe.name not in TRAINABLE:
             raise ValueError(f"recipe {recipe.name!r} is for what-if numerics only; trainable: {', '.join(TRAINABLE)}")
         self.recipe = recipe
@@ -72,7 +92,8 @@ class _RecipeLayer:
     def _record(self):
         return ops.convert_to_tensor(self.scale_stats) if self.track_scales else None
 
-    def _recipe_config(self) -> dict:
+    def recipe_config(self) -> dict:
+        """What the layer adds to its base's config: the recipe with every option, and track_scales."""
         return {"recipe": self.recipe.get_config(), "track_scales": self.track_scales}
 
     def _check_load_own_variables(self, store):
@@ -113,6 +134,7 @@ class RecipeEinsumDense(_RecipeLayer, keras.layers.EinsumDense):
 
 
 SWAPS = {keras.layers.Dense: RecipeDense, keras.layers.EinsumDense: RecipeEinsumDense}
+BASES = {recipe_class: base for base, recipe_class in SWAPS.items()}
 
 
 def candidate_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -168,10 +190,7 @@ def apply_recipe(target, recipe: Recipe, track_scales: bool = True) -> Applied:
         if reason:
             applied.high_precision[layer.path or layer.name] = reason
             continue
-        if not isinstance(layer, _RecipeLayer):
-            layer.__class__ = SWAPS[type(layer)]
-        layer._init_recipe(recipe, track_scales)
-        layer._add_record()
+        SWAPS.get(type(layer), type(layer)).adopt(layer, recipe, track_scales)
         applied.layers.append(layer.path)
         problems = indivisible(recipe, *layer_dims(layer))
         if problems:

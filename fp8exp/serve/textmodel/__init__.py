@@ -5,17 +5,19 @@ model (serve/pyfunc.py) all load it through `load` / `from_artifacts`.
 
 This package imports only the standard library, NumPy, pandas, Keras and keras-hub, and itself
 through relative imports, never the rest of fp8exp: save.py ships it with every MLflow model
-(`code_paths`: code/textmodel/, beside code/pooling.py for the families' pooling layer), so a
-saved model serves without fp8exp installed.
+(`code_paths`: code/textmodel/, beside code/pooling.py for the families' pooling layer and
+code/recipes/ for the FP8 recipe layers), so a saved model serves without fp8exp installed.
 
 The run's LoggedModel `model` (`models:/<model_id>`, `runs:/<run_id>/model`; or, for runs saved
 offline or before fp8exp logged models, the run's plain artifact `model/`) is an MLflow model directory:
 
     MLmodel, pyfunc.py ...           MLflow's files; pyfunc.py is a copy of serve/pyfunc.py
     code/textmodel/, code/pooling.py this package and fp8exp/models/pooling.py
+    code/recipes/                    fp8exp/precision/recipes/ (RecipeDense, RecipeEinsumDense)
     artifacts/model.keras            the trained model, without optimizer state
     artifacts/fp8exp_model.json      format, versions, task, precision, tokenizer, lengths, class
-                                     names or end-of-text id, which layers are quantized and how
+                                     names or end-of-text id, which layers are quantized and how,
+                                     which run an FP8 recipe and its options
     artifacts/vocabulary.txt         the tokenizer's vocabulary (real-text runs only)
     artifacts/merges.txt             and its BPE merges (language models on real text)
 """

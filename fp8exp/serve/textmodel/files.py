@@ -5,7 +5,10 @@ Why not `keras.saving.load_model`: keras-hub's TransformerDecoder builds its Den
 sublayers under its own (unquantized) policy, so a reloaded FP8 model has no place for their
 scales and amax histories and loading fails. `load_keras` rebuilds the architecture from the
 file's config, gives every layer recorded as quantized its saved dtype policy again, then loads
-every variable from the same file: weights, FP8 scales and amax histories, bit for bit."""
+every variable from the same file: weights, FP8 scales and amax histories, bit for bit. Layers an
+FP8 recipe ran in come back as recipe layers the same way (`recipe_layers`: their registered class,
+which the caller imports first, and their recipe); the recipes scale from the current tensors, so
+the reloaded model computes what the trained one did."""
 
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # when served without fp8exp, whi
 
 FORMAT = 2
 """Layout version of the saved model (2: the task, tokenizer and generation fields)."""
-READABLE_FORMATS = (1, 2)
+RECIPE_FORMAT = 3
+"""A model with FP8 recipe layers (`recipe_layers`): an fp8exp that reads only formats 1-2 would
+load those layers as plain Dense and compute something else, so it must refuse the model."""
+READABLE_FORMATS = (1, 2, 3)
 """Format 1 (classifiers saved before language models) reads as task=classify."""
 ARTIFACT_PATH = "model"
 KERAS_FILE = "model.keras"
@@ -87,13 +93,33 @@ def tokenizer_files(meta: dict, artifacts: dict) -> dict[str, list[str]]:
             for name in wanted}
 
 
+def recipe_classes(meta: dict) -> dict:
+    """Layer path -> the registered recipe layer class that meta["recipe_layers"] names for it."""
+    import keras
+
+    classes = {}
+    for layer_path, entry in meta.get("recipe_layers", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("recipe"), dict) or "class_name" not in entry:
+            raise ModelFileError(f"{META_FILE}: recipe_layers[{layer_path!r}] is {entry!r}, "
+                                 "not a layer class and its recipe")
+        classes[layer_path] = keras.saving.get_registered_object(entry["class_name"])
+        if classes[layer_path] is None:
+            raise ModelFileError(
+                f"layer {layer_path!r} runs FP8 recipe {entry['recipe'].get('name')!r} in class {entry['class_name']}, "
+                "which is not registered: import the model's code/recipes/layers.py (the pyfunc model does) or "
+                "fp8exp.precision.recipes.layers first")
+    return classes
+
+
 def load_keras(path: Path, meta: dict):
-    """Rebuild from the file's config, re-apply the saved quantized policies, load every variable.
-    Custom layers (fp8exp>SequencePooling) must be registered first: importing their module does it."""
+    """Rebuild from the file's config, re-apply the saved quantized policies and recipe layers, load
+    every variable. Custom layers (fp8exp>SequencePooling, fp8exp>RecipeDense, ...) must be registered
+    first: importing their module does it."""
     import keras
     import keras_hub  # noqa: F401  (registers TokenAndPositionEmbedding, TransformerDecoder, the CausalLMs)
 
     path = Path(path)
+    recipes = recipe_classes(meta)
     try:
         with zipfile.ZipFile(path) as archive:
             config = archive.read("config.json").decode("utf-8")
@@ -119,6 +145,14 @@ def load_keras(path: Path, meta: dict):
         wanted = keras.dtype_policies.deserialize(policy)
         if layer.dtype_policy.name != wanted.name:
             layer.dtype_policy = wanted  # quantizes the built layer: adds scales and histories
+    for layer_path, recipe_class in recipes.items():
+        if layer_path not in layers:
+            raise ModelFileError(f"{path} has no layer {layer_path!r} that its metadata says runs an FP8 recipe")
+        entry = meta["recipe_layers"][layer_path]
+        try:  # a layer a keras-hub block rebuilt as plain Dense/EinsumDense (the config restored the others)
+            recipe_class.adopt(layers[layer_path], entry["recipe"], entry.get("track_scales", True))
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"{path}: layer {layer_path!r} cannot run its FP8 recipe again ({error})") from None
     try:
         model.load_weights(path)
     except Exception as error:  # h5py and Keras raise many kinds for a damaged weights file
