@@ -426,3 +426,44 @@ def test_recipes_train_report_their_scales_and_survive_save_and_load(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert {name: loaded.get_layer(name).recipe.name for name in LAYER_RECIPES} == LAYER_RECIPES
     np.testing.assert_array_equal(loaded.predict(x[:8], verbose=0), predictions)
+
+
+def test_mxfp8_on_blackwell_feeds_scaled_matmul_the_same_operands_the_emulation_dequantizes(monkeypatch):
+    """JAX lowers jax.nn.scaled_matmul for Blackwell only: here it is replaced by its documented
+    definition, so what is checked is fp8exp's side: FP8 data and E8M0 scales laid out
+    contraction-last and zero-padded to whole blocks (K = 80 and, for the weight gradient, M = 48
+    are not multiples of 32), giving the emulation's result for the forward and both gradients."""
+    from fp8exp.precision import gemm
+    from fp8exp.precision.recipes import matmul
+    from fp8exp.precision.recipes.matmul import quantized_matmul
+
+    def documented(a, b, a_scales, b_scales, preferred_element_type=jnp.float32):
+        calls.append((a.dtype, a_scales.dtype, a.shape[-1] // a_scales.shape[-1]))
+        a = a.astype(jnp.float32) * jnp.repeat(a_scales.astype(jnp.float32), a.shape[-1] // a_scales.shape[-1], -1)
+        b = b.astype(jnp.float32) * jnp.repeat(b_scales.astype(jnp.float32), b.shape[-1] // b_scales.shape[-1], -1)
+        return jnp.einsum("BMK,BNK->BMN", a, b, precision=jax.lax.Precision.HIGHEST).astype(preferred_element_type)
+
+    rng = np.random.default_rng(3)
+    x, w, dy = (rng.normal(size=shape).astype(np.float32) for shape in ((48, 80), (80, 40), (48, 40)))
+    x[5, 7] = 300.0  # an outlier: its block's scale differs from the rest
+    recipe = make_recipe("mxfp8")
+
+    def results():
+        y, backward = jax.vjp(lambda a, b: quantized_matmul(a, b, recipe), x, w)
+        return [np.asarray(v) for v in (y, *backward(dy))]
+
+    emulated = results()
+    calls = []
+    monkeypatch.setattr(matmul, "block_scaled_gemms", lambda: True)
+    monkeypatch.setattr(jax.nn, "scaled_matmul", documented)
+    native = results()
+    assert len(calls) == 3 and {c[1:] for c in calls} == {(np.dtype(jnp.float8_e8m0fnu), 32)}  # forward, dgrad, wgrad
+    for got, want in zip(native, emulated):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    layer = RecipeDense(40, use_bias=False, recipe=recipe)
+    layer.build((None, 80))
+    assert gemm.dequantized_matmuls(keras.Sequential([keras.Input((80,)), layer])) == 0  # none emulated now
+    monkeypatch.undo()
+    shapes = [jax.ShapeDtypeStruct(s, d) for s, d in (((1, 4, 64), jnp.float8_e4m3fn), ((1, 8, 64), jnp.float8_e4m3fn),
+                                                      ((1, 4, 2), jnp.float8_e8m0fnu), ((1, 8, 2), jnp.float8_e8m0fnu))]
+    assert gemm.count_matmuls(jax.make_jaxpr(jax.nn.scaled_matmul)(*shapes).jaxpr) == {"total": 1, "fp8": 1}

@@ -6,7 +6,10 @@ the dot runs on the FP8 values themselves and the scales multiply its float32 re
 `dot_general(q_a(f8), q_b(f8), preferred_element_type=float32) * scale_a * scale_b`, the pattern
 XLA's GemmRewriter turns into a cuBLASLt FP8 GEMM on Hopper (on CPU XLA upcasts; same cost).
 Block and MX operands' scales vary along the contraction axis: they are dequantized and the dot
-is float32 at HIGHEST precision (emulation; cuDNN block-scaled GEMMs are Blackwell-only).
+is float32 at HIGHEST precision (emulation). The exception is MX with 32-element blocks on a GPU
+of compute capability 10+ (Blackwell): there the FP8 data and E8M0 scales go to
+`jax.nn.scaled_matmul`, cuDNN's block-scaled GEMM (`native_block_scaled`); JAX lowers it for
+no other platform.
 Quantizers are reshape-based, so the whole chain fuses into the jitted step; residuals are the
 high-precision X and W, as for a plain Dense, and the backward re-quantizes them.
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .quantize import OperandSpec, fake_quantize_with_amax, quantize_with_amax
+from .quantize import OperandSpec, fake_quantize_with_amax, pad_to, quantize_with_amax
 from .plan import Plan, plan
 from .recipe import Recipe
 from .stats import COLUMNS, scale_statistics
@@ -36,6 +39,36 @@ RECORD_TENSORS = ("inputs", "kernel", "outputs_grad")
 RECORD_SHAPE = (len(RECORD_TENSORS), len(COLUMNS))
 """The record of one layer's step: a row of stats.COLUMNS for the forward X and W scales and the
 dgrad dY scales, returned as the cotangent of a `record` input (layers.py)."""
+
+
+MX_BLOCK = 32
+"""The block size of cuDNN's block-scaled MXFP8 GEMM."""
+
+
+@functools.cache
+def block_scaled_gemms() -> bool:
+    """Does this machine's first device run MXFP8 GEMMs (jax.nn.scaled_matmul)? Blackwell, CC 10+."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 10
+
+
+def native_block_scaled(a_spec: OperandSpec, b_spec: OperandSpec) -> bool:
+    """Both operands MX in 32-element blocks on a GPU that runs those GEMMs: no emulation."""
+    mx = all(spec.granularity == "mx" and spec.block == MX_BLOCK for spec in (a_spec, b_spec))
+    return mx and block_scaled_gemms()
+
+
+def contraction_last(x: jax.Array, spec: OperandSpec, axis: int):
+    """x quantized MX along `axis`, as jax.nn.scaled_matmul takes an operand: FP8 data [free, K]
+    zero-padded to whole blocks and its E8M0 scales [free, K / block]; and the decode scales and
+    amaxes in quantize.py's layout (for the scale statistics)."""
+    data, scale, amax = quantize_with_amax(x, spec, axis)
+    if axis == 0:
+        data, blocks = data.T, scale.T
+    else:
+        blocks = scale
+    data = pad_to(data, 1, spec.block)
+    return data, blocks.astype(jnp.float8_e8m0fnu), scale, amax
 
 
 def _dot(a, a_axis: int, a_spec: OperandSpec, b, b_axis: int, b_spec: OperandSpec, track: bool):
@@ -48,6 +81,10 @@ def _dot(a, a_axis: int, a_spec: OperandSpec, b, b_axis: int, b_spec: OperandSpe
         qb, sb, mb = quantize_with_amax(b, b_spec, b_axis)
         out = jax.lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
         out = out * sa.reshape(-1, 1) * sb.reshape(1, -1)
+    elif native_block_scaled(a_spec, b_spec):
+        qa, ea, sa, ma = contraction_last(a, a_spec, a_axis)
+        qb, eb, sb, mb = contraction_last(b, b_spec, b_axis)
+        out = jax.nn.scaled_matmul(qa[None], qb[None], ea[None], eb[None], preferred_element_type=jnp.float32)[0]
     else:
         da, sa, ma = fake_quantize_with_amax(a, a_spec, a_axis)
         db, sb, mb = fake_quantize_with_amax(b, b_spec, b_axis)
