@@ -222,9 +222,27 @@ def test_recipe_layers_a_loader_cannot_restore_are_one_clear_error():
         textmodel.files.recipe_classes({"recipe_layers": {"head": unknown}})
     with pytest.raises(textmodel.ModelFileError, match=r"recipe_layers\['head'\] is 'mxfp8', not a layer class"):
         textmodel.files.recipe_classes({"recipe_layers": {"head": "mxfp8"}})
+    import fp8exp.models.pooling  # noqa: F401  (registers fp8exp>SequencePooling: registered, not a recipe layer)
+
+    pooling = {**unknown, "class_name": "fp8exp>SequencePooling"}
+    with pytest.raises(textmodel.ModelFileError, match=r"names fp8exp>SequencePooling, which is not an FP8 recipe layer"):
+        textmodel.files.recipe_classes({"recipe_layers": {"head": pooling}})
     einsum = keras.layers.EinsumDense("ab,bc->ac", (4,), name="proj")
     einsum.build((2, 8))
     with pytest.raises(TypeError, match="^proj: EinsumDense cannot become RecipeDense, only Dense can$"):
         RecipeDense.adopt(einsum, RECIPE)
     with pytest.raises(ValueError, match=r"^RecipeDense: \{'name': 'mxfp8', 'tile': 3\} is not a recipe config"):
         RecipeDense(4, recipe={"name": "mxfp8", "tile": 3})
+
+
+def test_a_pyfunc_loaded_where_fp8exp_is_uses_fp8exps_own_recipe_layers(reference):
+    """One class per registered name in a process: the shipped copy must not shadow fp8exp's, or
+    fp8exp's own checks (recipe_layers, scale metrics) would find no recipe layer in the model.
+    A fresh process, so that fp8exp's recipe layers are not imported before the model loads."""
+    _, directory, _ = reference
+    script = ("import sys, fp8exp, mlflow.pyfunc\n"
+              "served = mlflow.pyfunc.load_model(sys.argv[1]).unwrap_python_model().model.model\n"
+              "from fp8exp.precision.recipes.layers import recipe_layers\n"
+              "print(len(recipe_layers(served)))\n")
+    found = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True, check=True)
+    assert int(found.stdout.split()[-1]) == len(expected_classifier_layers())

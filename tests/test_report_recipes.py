@@ -149,3 +149,32 @@ def test_the_recipe_sweeps_cover_every_recipe_and_the_baseline(sweep, task, mode
     assert BF16 in choices and recipes - {None} == set(FP8_RECIPES)
     cfg = compose_config(f"+sweep={sweep}", f"precision={choices[-1]}", *(["model=llama_tiny"] if model != "tiny" else []))
     assert (cfg.task.name, cfg.data.name) == (task, "table")
+
+
+def test_runs_logged_before_the_recipe_key_count_as_delayed_and_names_say_the_recipe():
+    from fp8exp.run.launch import run_name
+
+    runs = classify_runs()
+    for run in runs:  # float8 delayed runs from before precision.recipe existed; one null-logged
+        if run.params["precision.recipe"] == "delayed":
+            del run.params["precision.recipe"]
+    killed = RunData("k", "k", "KILLED", {**params("float8", "null", "3")}, {})
+    rows, [(_, ranked)] = ranked_of(runs)
+    assert {item.recipe for item in ranked} == {"current", "rowwise", "delayed", "block"}
+    section = "\n".join(report_recipes.markdown_section(rows, parity.loss_parity(rows), [killed]))
+    assert "no finished run" not in section  # the killed null-recipe run is delayed, which is ranked
+    names = {choice: run_name(compose_config(f"precision={choice}"), [f"precision={choice}", "trainer.seed=0"])
+             for choice in ("float8", "float8_block", BF16)}
+    assert names == {"float8": "float8-h32-s0", "float8_block": "float8_block-h32-s0", BF16: f"{BF16}-h32-s0"}
+
+
+def test_identical_differences_to_the_top_read_tied_and_total_divergence_is_said():
+    runs = [run for run in classify_runs() if run.params["precision.recipe"] in ("null", "current")]
+    runs += [RunData(f"r{s}", f"r{s}", "FINISHED", params("float8", "rowwise", s),
+                     {"test/accuracy": next(r.metrics["test/accuracy"] for r in runs
+                                            if r.run_id == f"current{s}"), "perf/step_time_ms": 26.0}) for s in SEEDS]
+    diverged = [RunData(f"m{s}", f"m{s}", "FAILED", params("float8", "mxfp8", s), {}, failure="non_finite") for s in SEEDS]
+    rows, _ = ranked_of(runs, diverged)
+    section = "\n".join(report_recipes.markdown_section(rows, parity.loss_parity(rows), diverged))
+    assert "+0.00 pts: identical on every seed, tied" in section
+    assert "mxfp8: **diverged (non-finite) on every seed it ran**" in section

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fp8exp.report.parity import Parity, is_lm, percent
-from fp8exp.report.rows import Row
+from fp8exp.report.rows import UNSET, Row
 from fp8exp.report.runs import BASELINE, PRECISION, STEP_MS
-from fp8exp.report.stats import MIN_SEEDS, mean_ci, seed_order
+from fp8exp.report.stats import MIN_SEEDS, SAME, mean_ci, seed_order
 from fp8exp.report.tables import points
 
 RECIPE = "precision.recipe"
@@ -26,13 +26,15 @@ GPU_NOTE = ("GPU speed needs an FP8 GPU: `python -m benchmarks.gpu_kit --recipes
             "at hidden 4096 and 8192 and says whether its GEMMs ran in FP8.")
 
 
-def recipe_of(row: Row) -> str | None:
-    """The row's FP8 recipe (`delayed` when float8 names none); None for other precisions."""
-    params = row.runs[0].params if row.runs else {}
+def recipe_in(params: dict[str, str]) -> str | None:
+    """A run's FP8 recipe (`delayed` when float8 names none); None for other precisions."""
     if params.get(PRECISION) != "float8":
         return None
-    value = params.get(RECIPE, "")
-    return DELAYED if value in ("", "None", "null") else value
+    return DELAYED if params.get(RECIPE) in UNSET else params[RECIPE]
+
+
+def recipe_of(row: Row) -> str | None:
+    return recipe_in(row.runs[0].params) if row.runs else None
 
 
 @dataclass
@@ -113,8 +115,11 @@ def _to_top(item: Ranked, lm: bool, top: bool) -> str:
     if top or item.to_top is None:
         return "top" if top and item.mean is not None else "–"
     mean, low, high, seeds = item.to_top
-    if seeds < MIN_SEEDS or low is None:
+    if seeds < MIN_SEEDS:
         return _difference(mean, low, high, lm) + f" (n={seeds}: no verdict)"
+    if low is None:  # the same difference on every seed: no spread for an interval
+        return _difference(mean, None, None, lm) + (": identical on every seed, tied" if abs(mean) <= SAME
+                                                    else ": no variance across seeds, CI undefined")
     worse = mean > 0 if lm else mean < 0
     return _difference(mean, low, high, lm) + (": tied" if low <= 0 <= high else ": worse" if worse else ": better")
 
@@ -124,14 +129,17 @@ def unfinished(found: list[tuple[str, list[Ranked]]], left_out) -> list[str]:
     ranked = {item.recipe for _, items in found for item in items}
     missing: dict[str, list] = {}
     for run in left_out:
-        if run.params.get(PRECISION) == "float8":
-            recipe = run.params.get(RECIPE, "") or DELAYED
-            if recipe not in ranked:
-                missing.setdefault(recipe, []).append(run)
-    def why(run) -> str:
-        return f"seed {run.seed} {run.status}" + (f" ({run.failure})" if run.failure else "")
+        recipe = recipe_in(run.params)
+        if recipe is not None and recipe not in ranked:
+            missing.setdefault(recipe, []).append(run)
 
-    return [f"{recipe}: no finished run to rank ({', '.join(map(why, runs))})." for recipe, runs in sorted(missing.items())]
+    def note(recipe: str, runs: list) -> str:
+        seeds = ", ".join(f"seed {run.seed} {run.status}" + (f" ({run.failure})" if run.failure else "") for run in runs)
+        if all(run.failure == "non_finite" for run in runs):  # the strongest evidence against it
+            return f"{recipe}: **diverged (non-finite) on every seed it ran** ({seeds}): worse than every recipe ranked."
+        return f"{recipe}: no finished run to rank ({seeds})."
+
+    return [note(recipe, runs) for recipe, runs in sorted(missing.items())]
 
 
 def markdown_section(rows: list[Row], parities: list[Parity], left_out=()) -> list[str]:

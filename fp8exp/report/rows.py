@@ -12,6 +12,10 @@ from fp8exp.report.runs import BASELINE, PRECISION, SEED_PARAMS, SIZE, STEP_MS, 
 from fp8exp.report.stats import Delta, delta_ci
 
 
+UNSET = (None, "", "null", "None")
+"""A param absent (a run logged before the key existed) or logged as null."""
+
+
 @dataclass
 class Row:
     """One configuration: the runs that differ only by seed, one per seed."""
@@ -85,7 +89,7 @@ def build_rows(runs: list[RunData]) -> list[Row]:
     by_config: dict[tuple, Row] = {}
     for run in runs:
         options = [f"{k.split('.', 1)[1]}={run.params[k]}" for k in keys
-                   if k.startswith("precision.") and k != PRECISION and run.params.get(k) != "null"]
+                   if k.startswith("precision.") and k != PRECISION and run.params.get(k) not in UNSET]
         precision = run.params.get(PRECISION, "?") + (f" ({', '.join(options)})" if options else "")
         setting = tuple((k, run.params.get(k, "")) for k in keys if not k.startswith("precision."))
         by_config.setdefault((precision, setting), Row(precision, setting)).runs.append(run)

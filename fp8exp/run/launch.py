@@ -84,14 +84,17 @@ NAME_LABELS = {"model.hidden_dim": "h", "trainer.seed": "s"}
 
 
 def run_name(cfg: DictConfig, swept: list[str] = ()) -> str:
-    """`tracking.run_name`, else precision and width plus whatever else the sweep varies for
-    this job (`swept`: its overrides of the varying keys), e.g. float8-h256-s1."""
+    """`tracking.run_name`, else precision (with float8's recipe unless delayed) and width plus
+    whatever else the sweep varies for this job (`swept`: its overrides of the varying keys), e.g.
+    float8-h256-s1, float8_block-h256-s1."""
     if cfg.tracking.get("run_name"):
         return cfg.tracking.run_name
-    parts = [cfg.precision.name, f"h{cfg.model.hidden_dim}"]
+    recipe = cfg.precision.get("recipe")
+    precision = cfg.precision.name + (f"_{recipe}" if recipe and recipe != "delayed" else "")  # float8_block
+    parts = [precision, f"h{cfg.model.hidden_dim}"]
     for override in swept:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in ("precision", "precision.name", "model.hidden_dim"):
+        if key in ("precision", "precision.name", "precision.recipe", "model.hidden_dim"):
             continue
         parts.append(NAME_LABELS[key] + value if key in NAME_LABELS
                      else value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}")

@@ -103,6 +103,9 @@ def recipe_classes(meta: dict) -> dict:
             raise ModelFileError(f"{META_FILE}: recipe_layers[{layer_path!r}] is {entry!r}, "
                                  "not a layer class and its recipe")
         classes[layer_path] = keras.saving.get_registered_object(entry["class_name"])
+        if classes[layer_path] is not None and not hasattr(classes[layer_path], "adopt"):
+            raise ModelFileError(f"{META_FILE}: recipe_layers[{layer_path!r}] names {entry['class_name']}, "
+                                 "which is not an FP8 recipe layer class")
         if classes[layer_path] is None:
             raise ModelFileError(
                 f"layer {layer_path!r} runs FP8 recipe {entry['recipe'].get('name')!r} in class {entry['class_name']}, "
