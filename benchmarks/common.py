@@ -133,7 +133,8 @@ def machine() -> str:
     versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("keras", "keras-hub", "jax"))
     return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
             f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}; Python {platform.python_version()}; "
-            f"{versions}, Keras backend {keras.backend.backend()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+            f"{versions}, Keras backend {keras.backend.backend()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine skews timings)")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
