@@ -227,6 +227,12 @@ def recipes(quick: bool) -> str:
             f"{worst.median_ms / delayed:.2f}x delayed's step time (goal: at most 1.5x).\n")
 
 
+def _multiprocess():
+    from benchmarks import multiprocess
+
+    return multiprocess
+
+
 def _language_models():
     from benchmarks import language_models
 
@@ -239,6 +245,7 @@ SECTIONS = {"overhead": ("Framework overhead", framework_overhead),
             "data": ("Data path", data_path),
             "sizes": ("Step time across sizes (CPU)", sizes),
             "recipes": ("FP8 recipes (emulation cost)", recipes),
+            "processes": ("Several processes (CPU)", lambda quick: _multiprocess().section(quick)),
             "families": ("Model families (CPU)", lambda quick: _language_models().family_section(quick)),
             "lm_overhead": ("Language-model overhead", lambda quick: _language_models().overhead_section(quick, compose)),
             "lm_data": ("Language-model data path",

@@ -72,3 +72,11 @@ def test_quick_language_model_data_section(tmp_path):
     out = tmp_path / "benchmarks.md"
     assert run.main(["--quick", "--only", "lm_data", "--out", str(out)]) == 0
     assert re.search(r"Cold speed-up \d+\.\dx \(goal 10x\)", out.read_text())
+
+
+def test_quick_multiprocess_section_times_one_and_two_processes(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    assert run.main(["--quick", "--only", "processes", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert re.search(r"\| 1 process x 4 devices \| \d+\.\d \| [\d., ]+ \| 1\.00x \|", text)
+    assert re.search(r"\| 2 processes x 2 devices \| \d+\.\d \| [\d., ]+ \| \d+\.\d\dx \|", text)
