@@ -9,11 +9,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fp8exp.config.distribution import check_distribution
+from fp8exp.config.errors import ConfigError
 from fp8exp.config.precision import FP8_RECIPES, GRAD_FORMATS, RECIPE_KEYS, WHATIF_ONLY_RECIPES
 from fp8exp.config.schema import (
     BACKBONE_CLASSES,
     DECODER_FAMILIES,
-    DISTRIBUTIONS,
     FAMILY_TASKS,
     FP8_SOURCE_POLICIES,
     MODEL_FAMILIES,
@@ -21,14 +22,6 @@ from fp8exp.config.schema import (
     TASKS,
     TRACKERS,
 )
-
-
-class ConfigError(ValueError):
-    """A setting the user can fix; the message names the key and what would be valid."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key}: {problem}")
-        self.key = key
 
 
 def _positive(cfg: DictConfig, *keys: str, optional: bool = False) -> None:
@@ -128,18 +121,7 @@ def validate(cfg: DictConfig) -> None:
         key = "trainer.resume_from" if cfg.trainer.resume_from else "trainer.resume"
         raise ConfigError(key, "needs tracking=mlflow: checkpoints live in the MLflow run")
 
-    distribution = cfg.distribution
-    if distribution.name not in DISTRIBUTIONS:
-        raise ConfigError("distribution.name", f"unknown distribution {distribution.name!r}; "
-                          f"valid: {', '.join(DISTRIBUTIONS)}")
-    _positive(cfg, "distribution.devices", optional=True)
-    if distribution.mesh_shape is not None:
-        if distribution.name != "model_parallel":
-            raise ConfigError("distribution.mesh_shape", f"only applies to distribution=model_parallel, "
-                              f"not {distribution.name}; remove it")
-        if len(distribution.mesh_shape) != 2 or min(distribution.mesh_shape) < 1:
-            raise ConfigError("distribution.mesh_shape", f"got {list(distribution.mesh_shape)}, expected "
-                              "[batch, model] with positive sizes")
+    check_distribution(cfg)
 
     report = cfg.get("report")
     if report is not None and not 0.0 <= report.parity_threshold < 1.0:

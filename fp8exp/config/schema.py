@@ -14,7 +14,7 @@ from fp8exp.config.precision import PrecisionConfig
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float8")
 FP8_SOURCE_POLICIES = ("mixed_bfloat16", "float32", "mixed_float16")
 TRACKERS = ("mlflow", "none")
-DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
+DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "fsdp")
 
 
 @dataclass
@@ -249,11 +249,20 @@ class TrackingConfig:
 @dataclass
 class DistributionConfig:
     name: str = "none"
-    """none | data_parallel | model_parallel (Keras distribution API over local devices)."""
+    """none | data_parallel | model_parallel | fsdp (Keras distribution API over the devices of every process)."""
     devices: Optional[int] = None
     """How many local devices to use; null = all."""
     mesh_shape: Optional[list[int]] = None
     """model_parallel only: [batch, model] device-mesh shape; null = [1, devices]."""
+    coordinator: Optional[str] = None
+    """Several processes, one run: host:port of process 0 (every process passes the same).
+    null = one process, or the cluster's (SLURM with several tasks: JAX detects it)."""
+    num_processes: Optional[int] = None
+    """How many processes train this run; null = 1, or the cluster's."""
+    process_id: Optional[int] = None
+    """This process's index, 0 .. num_processes-1; process 0 owns the MLflow run. null = the cluster's."""
+    timeout_s: float = 300.0
+    """How long processes wait for each other at start-up before one line says who is missing."""
 
 
 @dataclass

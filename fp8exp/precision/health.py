@@ -80,6 +80,19 @@ def check_health(model: keras.Model, probe_metrics: dict[str, float], threshold:
     return health
 
 
+def _sharding(layer) -> str:
+    """How the layer's main weight (kernel, else embeddings, else its first) lies on the devices:
+    `one device`, `replicated`, or `sharded (None, 'model')` (its PartitionSpec, by axis)."""
+    weight = next((getattr(layer, name) for name in ("kernel", "embeddings") if hasattr(layer, name)), layer.weights[0])
+    sharding = getattr(getattr(weight, "value", None), "sharding", None)
+    if sharding is None or len(sharding.device_set) == 1:
+        return "one device"
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return "replicated"
+    return f"sharded {tuple(spec)}"
+
+
 def layer_table(model: keras.Model, captures: dict[str, Capture],
                 shapes: dict[str, tuple[int, ...]] | None = None) -> str:
     """Markdown: every layer with weights, whether FP8 covers it (the captured layers), its
@@ -87,7 +100,8 @@ def layer_table(model: keras.Model, captures: dict[str, Capture],
     Dense/EinsumDense layer's output shape (Probe.matmul_shapes; default: the captured ones only).
     Counted in high precision, never FP8: every attention's score matmuls (QK^T and AV: keras
     MultiHeadAttention, Llama's and Gemma's own attention layers alike) and a language model's
-    output projection, the token embedding used in reverse (tied or not)."""
+    output projection, the token embedding used in reverse (tied or not). Over several devices
+    (distribution=data_parallel, fsdp, model_parallel) a column says how each layer's weight lies."""
     quantized = set(captures)
     shapes = shapes or {path: capture.output_shape for path, capture in captures.items()}
     rows = []
@@ -99,7 +113,7 @@ def layer_table(model: keras.Model, captures: dict[str, Capture],
         if query is not None and query.path in shapes:
             _, length, heads, head_dim = shapes[query.path]
             rows.append((f"{layer.path} (scores QK^T and AV)", "attention matmul", "compute dtype", 0,
-                         2 * 2 * length * length * heads * head_dim))
+                         2 * 2 * length * length * heads * head_dim, "activations"))
         if layer._layers or not layer.weights:
             continue
         params = sum(int(np.prod(w.shape)) for w in layer.weights
@@ -113,16 +127,18 @@ def layer_table(model: keras.Model, captures: dict[str, Capture],
         policy = layer.dtype_policy.name
         if is_recipe_layer(layer):  # e.g. float8_block_from_mixed_bfloat16, as Keras names its float8 policies
             policy = f"float8_{layer.recipe.name}_from_{policy}"
-        rows.append((layer.path, type(layer).__name__, policy, params, flops))
+        rows.append((layer.path, type(layer).__name__, policy, params, flops, _sharding(layer)))
         if layer is lm_head:
             vocabulary, hidden = layer.embeddings.shape
             rows.append((f"{layer.path} (in reverse: the output projection)", "LM head matmul", "compute dtype",
-                         0, 2 * length * hidden * vocabulary))
+                         0, 2 * length * hidden * vocabulary, "as the embedding"))
     total_flops = sum(row[4] for row in rows) or 1
     fp8_flops = sum(row[4] for row in rows if row[0] in quantized)
-    lines = ["| layer | type | dtype policy | params | matmul FLOPs share |", "| --- | --- | --- | ---: | ---: |"]
-    lines += [f"| {path} | {kind} | {policy} | {params:,} | {flops / total_flops:.1%} |"
-              for path, kind, policy, params, flops in rows]
+    spread = any(row[5] not in ("one device", "activations", "as the embedding") for row in rows)
+    lines = ["| layer | type | dtype policy | params | matmul FLOPs share |" + (" sharding |" if spread else ""),
+             "| --- | --- | --- | ---: | ---: |" + (" --- |" if spread else "")]
+    lines += [f"| {path} | {kind} | {policy} | {params:,} | {flops / total_flops:.1%} |" + (f" {where} |" if spread else "")
+              for path, kind, policy, params, flops, where in rows]
     lines.append(f"\nFP8 covers {len(quantized)} layers and {fp8_flops / total_flops:.1%} of the matmul FLOPs.")
     return "\n".join(lines) + "\n"
 

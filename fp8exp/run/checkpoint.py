@@ -17,6 +17,7 @@ crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import jax
 import keras
 import numpy as np
 
@@ -70,6 +72,16 @@ def _plain(array: np.ndarray) -> tuple[np.ndarray, str | None]:
     return array, None
 
 
+def _on_host(value) -> np.ndarray:
+    """A variable's whole value. Sharded over several processes, it is gathered (a collective:
+    every process captures, process 0 writes); replicated, this process's copy is whole."""
+    if getattr(value, "is_fully_addressable", True) or getattr(value, "is_fully_replicated", False):
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: str) -> TrainingState:
     """The whole training state at optimizer step `step`. `model` must be synced (a callback's
     `self.model` is)."""
@@ -78,7 +90,7 @@ def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: st
         paths[name] = [v.path for v in variables]
         for index, variable in enumerate(variables):
             key = f"{name}/{index:05d}"
-            arrays[key], dtype = _plain(np.asarray(keras.ops.convert_to_numpy(variable.value)))
+            arrays[key], dtype = _plain(_on_host(variable.value))
             if dtype:
                 dtypes[key] = dtype
     numpy_rng = np.random.get_state()
@@ -94,13 +106,28 @@ def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: st
     return TrainingState(arrays, meta)
 
 
+def _save(handle, state: TrainingState) -> None:
+    meta = np.frombuffer(json.dumps(state.meta).encode(), dtype=np.uint8)
+    np.savez(handle, **state.arrays, **{META: meta})
+
+
+def encode(state: TrainingState) -> bytes:
+    """The checkpoint file's bytes (process 0 hands them to the other processes at start-up)."""
+    buffer = io.BytesIO()
+    _save(buffer, state)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> TrainingState:
+    return read(io.BytesIO(data))
+
+
 def write(path: Path, state: TrainingState) -> None:
     """Atomically replace `path`: a crash at any point leaves either the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    meta = np.frombuffer(json.dumps(state.meta).encode(), dtype=np.uint8)
     with partial.open("wb") as handle:
-        np.savez(handle, **state.arrays, **{META: meta})
+        _save(handle, state)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
@@ -111,8 +138,8 @@ def write(path: Path, state: TrainingState) -> None:
         os.close(directory)
 
 
-def read(path: Path) -> TrainingState:
-    """Load and fully verify (zip CRCs) a checkpoint; CheckpointError if it is damaged."""
+def read(path) -> TrainingState:
+    """Load and fully verify (zip CRCs) a checkpoint (a path or a file); CheckpointError if it is damaged."""
     import zipfile
 
     try:
@@ -205,12 +232,12 @@ class Checkpointer(StepCallback):
         super().on_train_batch_end(batch, logs)
         if self.step % self.steps_per_epoch == 0:
             return  # the epoch's last step: on_epoch_end decides
-        if self.stop.requested or self._due():
+        if self._agreed_stop() or self._due():
             self._save()
         self._stop_if_asked()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.stop.requested or (self._due() and self.step < self.total_steps):
+        if self._agreed_stop() or (self._due() and self.step < self.total_steps):
             self._save()
         self._stop_if_asked()
 
@@ -222,6 +249,17 @@ class Checkpointer(StepCallback):
             self.last_saved = self.step
         self.saved_steps.append(self.step)
         self._since = self.step
+
+    def _agreed_stop(self) -> bool:
+        """Stop after this step? With several processes, if any of them was signalled: all agree,
+        so all stop at the same step and none is left waiting in a collective for a stopped one."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            signals = multihost_utils.process_allgather(np.array(self.stop.signum or 0, np.int32))
+            if self.stop.signum is None and np.any(signals):
+                self.stop.signum = int(np.max(signals))  # a peer's signal: stop as it does
+        return self.stop.requested
 
     def _stop_if_asked(self) -> None:
         if self.stop.requested:

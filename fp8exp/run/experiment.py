@@ -23,7 +23,7 @@ from fp8exp.precision.health import check_health, layer_table
 from fp8exp.precision.probe import Probe
 from fp8exp.precision.scales import state_size
 from fp8exp.precision.whatif import WhatIf, plot_sqnr, to_csv
-from fp8exp.run import checkpoint, distribution, stopping, tasks, train
+from fp8exp.run import checkpoint, distribution, processes, stopping, tasks, train
 from fp8exp.run.launch import LaunchContext, git_state, run_name, source_tags
 from fp8exp.run.resume import config_hash, find_resume
 from fp8exp.serve.save import log_model
@@ -73,15 +73,19 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     a run that cannot be resumed), stopping.Interrupted when a signal stopped it (after a
     checkpoint) and stopping.NumericalFault when the loss or an FP8 scale went non-finite."""
     context = context or LaunchContext()
-    online = check_reachable(cfg)
-    resume = None
-    if cfg.trainer.resume or cfg.trainer.resume_from:
-        resume = find_resume(cfg, online)
-    with stopping.GracefulStop() as stop:
+    here = processes.detect(cfg.distribution)  # several processes: process 0 alone reads and writes MLflow
+    online, resume = True, None
+    if here.lead:
+        online = check_reachable(cfg)
+        if cfg.trainer.resume or cfg.trainer.resume_from:
+            resume = find_resume(cfg, online)
+    with stopping.GracefulStop() as stop, processes.reporting(here):
+        if here.many:  # before any JAX computation
+            resume = distribution.start(cfg, here, resume)
         keras.utils.set_random_seed(cfg.trainer.seed)
         try:
             with distribution.scope(distribution.make(cfg.distribution, cfg.model)):
-                return _run(cfg, context, resume, stop, online)
+                return _run(cfg, context, resume, stop, online, here)
         except stopping.Interrupted as interrupted:
             if interrupted.checkpoint_step is not None:
                 interrupted.resume_hint = ("; to continue, rerun the same command with trainer.resume=true "
@@ -89,12 +93,13 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
             raise
 
 
-def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) -> Outcome:
+def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
+         here: processes.Processes) -> Outcome:
     task = tasks.task_name(cfg)
-    splits = data.load(cfg.data, task)
-    name = run_name(cfg, context.swept)
     strategy = keras.distribution.distribution()  # set by run_experiment from cfg.distribution
     distribution.check_batch(strategy, cfg.trainer.batch_size)
+    splits = data.load(cfg.data, task)
+    name = run_name(cfg, context.swept)
     splits = splits.divisible_by(distribution.batch_ways(strategy))
 
     net = policy.build(cfg.precision, lambda: tasks.build_model(cfg, splits))
@@ -113,8 +118,10 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
     # for the offline copy, written when the run closes).
     with tempfile.TemporaryDirectory(prefix="fp8exp-checkpoint-") as staging_dir, \
             open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
-                     checkpoint_root=context.output_dir, shield=stop.deferred) as run:
+                     checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead) as run:
         staging = Path(staging_dir)
+        here.on_failure = lambda index, why: run.end_now("FAILED", {
+            "failure.process": str(index), "failure.error": f"process {index} of {here.count} failed: {why}"[:1000]})
         try:
             if resume is None:
                 run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
@@ -196,6 +203,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool) ->
         if cfg.tracking.get("save_model", True) and run.run_id:
             log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
 
+    here.on_failure = None  # the run has ended: a peer failing from now on cannot change it
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)
     return outcome

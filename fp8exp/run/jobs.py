@@ -65,27 +65,33 @@ def run_job(cfg: DictConfig, context) -> float | None:
     stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
 
+    from fp8exp.run import processes
     from fp8exp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
     record = JobRecord(hydra_cfg.job.num, run_name(cfg, context.swept), context.overrides, _log_file())
-    record.save(output_dir)
+    lead = processes.detect(cfg.distribution).lead  # a job of several processes: process 0 records it
+
+    def save(**fields) -> None:
+        if lead:
+            record.save(output_dir, **fields)
+
+    save()
     try:
         outcome = run_experiment(cfg, context)
     except KeyboardInterrupt:
-        record.save(output_dir, status="KILLED", error="interrupted")
+        save(status="KILLED", error="interrupted")
         raise
     except Exception as error:
         log.exception("job #%s (%s) failed", record.num, record.name)
-        record.save(output_dir, status="FAILED", error=f"{type(error).__name__}: {error}".splitlines()[0])
+        save(status="FAILED", error=f"{type(error).__name__}: {error}".splitlines()[0])
         return None
     if "test/perplexity" in outcome.metrics:  # task=causal_lm: the job's value is its test loss
-        record.save(output_dir, status="FINISHED", run_id=outcome.run_id,
-                    test_perplexity=outcome.metrics["test/perplexity"])
+        save(status="FINISHED", run_id=outcome.run_id, test_perplexity=outcome.metrics["test/perplexity"])
         return outcome.metrics["test/loss"]
     accuracy = outcome.metrics["test/accuracy"]
-    record.save(output_dir, status="FINISHED", run_id=outcome.run_id, test_accuracy=accuracy)
+    save(status="FINISHED", run_id=outcome.run_id, test_accuracy=accuracy)
     return accuracy
 
 

@@ -28,14 +28,21 @@ NOT_COMPARED = {"trainer.resume", "trainer.resume_from", "tracking.uri", "tracki
                 "tracking.run_name", "tracking.required", "tracking.retry_s", "tracking.offline_uri",
                 "data.cache_dir", "data.max_download_bytes", "trainer.stale_after_s", "tracking.system_metrics",
                 "tracking.register_model", "tracking.log_every_steps", "trainer.eval_every_steps",
-                "report.parity_threshold"}
+                "report.parity_threshold", "distribution.coordinator", "distribution.process_id",
+                "distribution.timeout_s", "distribution.num_processes"}
+"""Left out of the hash too: the process count (a checkpoint holds the whole state, gathered, so
+it resumes on any count; and the key, new, must not change the hash of every earlier run)."""
 RESUMABLE = ("KILLED", "FAILED")
+
+
+def logged_params(cfg: DictConfig) -> dict[str, str]:
+    """The run's params, masked as logged."""
+    return redact.flat(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def comparable_params(cfg: DictConfig) -> dict[str, str]:
     """The run's params (masked as logged) that must match for a resumption."""
-    params = redact.flat(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    return {key: value for key, value in params.items() if key not in NOT_COMPARED}
+    return {key: value for key, value in logged_params(cfg).items() if key not in NOT_COMPARED}
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fp8exp.data import Splits
+from fp8exp.run import distribution
 from fp8exp.tracking.callbacks import StepCallback
 
 
@@ -94,6 +95,23 @@ class StepTimer(StepCallback):
         return sum(call.seconds for call in self.calls if call.compiled)
 
 
+def process_rows(rows: np.ndarray, batch_size: int, share: tuple[int, int]) -> np.ndarray:
+    """The rows this process feeds: with `share` (i, n) (distribution.data_share), the i-th of n
+    equal slices of every batch of `batch_size` rows. Every process cuts the same global batches
+    from the same order, so the run trains on what one process with all the devices would."""
+    index, count = share
+    if count == 1:
+        return rows
+    starts = np.arange(0, len(rows), batch_size)
+    return np.concatenate([np.array_split(rows[start:start + batch_size], count)[index] for start in starts])
+
+
+def _fed(share: tuple[int, int], x, y, batch_size: int):
+    """(inputs, labels, per-process batch size) for Keras: this process's rows of every batch."""
+    rows = process_rows(np.arange(len(y)), batch_size, share)
+    return (x if share[1] == 1 else x[rows]), (y if share[1] == 1 else y[rows]), batch_size // share[1]
+
+
 def as_they_are(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split rows as model inputs and labels unchanged (the reference classifier's batches)."""
     return x, y
@@ -162,6 +180,7 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
     a resumed epoch already trained on; Keras' own shuffling is off. `to_inputs(x, y)` turns split
     rows into (model inputs, labels) (tasks.batch_inputs)."""
     timer = StepTimer()
+    share = distribution.data_share(keras.distribution.distribution())
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar for people, a line per epoch for logs
     steps = steps_per_epoch(len(splits.y_train), trainer)
     callback_list = OneTraining([timer, *callbacks], add_history=True, add_progbar=True, verbose=verbose,
@@ -182,10 +201,13 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
         callback_list.set_params({**callback_list.params, "steps": -(-len(order) // trainer.batch_size),
                                   "partial_last": len(order) % trainer.batch_size != 0,
                                   "batch_size": trainer.batch_size, "samples": len(order)})
+        x, y, batch_size = _fed(share, splits.x_train[order], splits.y_train[order], trainer.batch_size)
+        x_val, y_val, _ = _fed(share, splits.x_val, splits.y_val, trainer.batch_size)
         model.fit(
-            *to_inputs(splits.x_train[order], splits.y_train[order]),
-            validation_data=to_inputs(splits.x_val, splits.y_val),
-            batch_size=trainer.batch_size,
+            *to_inputs(x, y),
+            validation_data=to_inputs(x_val, y_val),
+            batch_size=batch_size,
+            validation_batch_size=batch_size,
             initial_epoch=epoch,
             epochs=epoch + 1,
             validation_steps=trainer.eval_steps,
@@ -194,7 +216,8 @@ def fit_and_evaluate(model: keras.Model, splits: Splits, trainer: DictConfig,
             verbose=verbose,
         )
     callback_list.finish()
-    test = model.evaluate(*to_inputs(splits.x_test, splits.y_test), batch_size=trainer.batch_size,
+    x_test, y_test, batch_size = _fed(share, splits.x_test, splits.y_test, trainer.batch_size)
+    test = model.evaluate(*to_inputs(x_test, y_test), batch_size=batch_size,
                           steps=trainer.eval_steps, return_dict=True, verbose=0)
     return TrainResult(
         test={key: float(value) for key, value in test.items()},
@@ -208,7 +231,9 @@ def validate(model: keras.Model, splits: Splits, trainer: DictConfig, to_inputs=
     synced fit's state into the variables: evaluation resets and fills the metric variables that
     fit reads its state back from, so their training values are put back afterwards."""
     running = [keras.ops.convert_to_numpy(variable) for variable in model.metrics_variables]
-    values = model.evaluate(*to_inputs(splits.x_val, splits.y_val), batch_size=trainer.batch_size,
+    x_val, y_val, batch_size = _fed(distribution.data_share(keras.distribution.distribution()),
+                                    splits.x_val, splits.y_val, trainer.batch_size)
+    values = model.evaluate(*to_inputs(x_val, y_val), batch_size=batch_size,
                             steps=trainer.eval_steps, return_dict=True, verbose=0)
     for variable, value in zip(model.metrics_variables, running):
         variable.assign(value)

@@ -22,15 +22,16 @@ KILLED_RETRY_S = 5.0  # after SIGTERM the scheduler's grace period is short
 @contextlib.contextmanager
 def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id: str | None = None,
              offline: bool = False, checkpoint_root: str | None = None,
-             shield: Callable[[], Any] = contextlib.nullcontext) -> Iterator[NullRun]:
+             shield: Callable[[], Any] = contextlib.nullcontext, lead: bool = True) -> Iterator[NullRun]:
     """Yields a run with the config logged; ends it FINISHED, KILLED on interrupt, else FAILED,
     with the reason as tags (`killed.*`, `failure.*`). `resume_run_id` continues that run
     (RUNNING again; its params are already there). `offline`: the server was unreachable at start
     and tracking.required=false, so the run goes to the offline store, marked for delivery.
     `shield`: a context in which closing the run (retries, the offline copy) is not cut short
-    by the first stop signal."""
-    if cfg.tracking.name == "none":
-        yield NullRun(checkpoint_root)
+    by the first stop signal. `lead=False`: a process other than 0 of a multi-process run, which
+    logs nothing (process 0 owns the run)."""
+    if cfg.tracking.name == "none" or not lead:
+        yield NullRun(checkpoint_root if lead else None)
         return
 
     with fast_failing_http():

@@ -91,6 +91,9 @@ class NullRun:
     def flush(self) -> None:
         pass
 
+    def end_now(self, status: str, tags: dict[str, str]) -> None:
+        pass
+
     @property
     def in_outage(self) -> bool:
         """Whether the store is unreachable right now (calls are queued)."""
@@ -202,6 +205,17 @@ class MlflowRun(NullRun):
         is queued before it, kept and retried while the store is away. Not in the journal: the
         offline copy holds only what the journal describes."""
         self._enqueue(key, call)
+
+    def end_now(self, status: str, tags: dict[str, str]) -> None:
+        """From another thread, while the one training is stuck (in a collective whose peer
+        process died): `tags` and `status` straight to the store, best effort, past the queue."""
+        from mlflow.entities import RunTag
+
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in redact.tags(tags).items()])
+            self.client.set_terminated(self.run_id, status)
+        except Exception as error:  # noqa: BLE001
+            log.error("could not end run %s %s: %s", self.run_id, status, error)
 
     def flush(self) -> None:
         while self._metrics:

@@ -1,0 +1,253 @@
+"""One run across several processes (JAX multi-controller), on this machine: two `python -m fp8exp`
+processes on CPU, each with 2 virtual devices, meet at 127.0.0.1 and train one float8 model
+data-parallel over all 4 devices (gloo collectives). What a user sees: a killed process ends the
+run FAILED naming it, with a checkpoint; resumed on two processes, the one MLflow run (process
+0's) finishes with the weights one process with 4 devices reaches; bad settings are one line.
+One story (kill, resume) carries the end-to-end checks, to keep the processes few."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+# 8 steps of 32 rows (8 per device); a checkpoint every 4 steps, so one falls mid-run.
+SAME = ["data=synthetic", "data.sequence_length=32", "data.num_train=256", "data.num_validation=64",
+        "data.num_test=64", "data.vocabulary_size=500", "trainer.epochs=1", "trainer.batch_size=32",
+        "trainer.checkpoint_every=4", "model.dropout=0", "precision=float8", "distribution=data_parallel",
+        "tracking.fp8_probe=false", "tracking.fp8_whatif=false", "tracking.system_metrics=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(store: Path, *overrides: str, devices: int = 2, process_id: int | None = None, port: int | None = None,
+          processes: int = 2) -> subprocess.Popen:
+    """One `python -m fp8exp` process logging to `store`; with `process_id`, one of `processes`."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1"}
+    launch = [] if process_id is None else [f"distribution.coordinator=127.0.0.1:{port}",
+                                            f"distribution.num_processes={processes}",
+                                            f"distribution.process_id={process_id}", "distribution.timeout_s=90"]
+    args = [*SAME, f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"tracking.artifact_root={store / 'artifacts'}",
+            f"hydra.run.dir={store / 'hydra' / str(process_id)}", *launch, *overrides]
+    return subprocess.Popen([sys.executable, "-m", "fp8exp", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def start_pair(store: Path, *overrides: str) -> list[subprocess.Popen]:
+    port = free_port()
+    return [start(store, *overrides, process_id=index, port=port) for index in (0, 1)]
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    return process.returncode, out + err
+
+
+def runs(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def final_weights(store: Path) -> list[np.ndarray]:
+    """Every variable of the saved model (its .keras file's weights), in order."""
+    import h5py
+
+    (saved,) = store.glob("artifacts/models/*/artifacts/artifacts/model.keras")
+    with zipfile.ZipFile(saved) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        arrays = []
+        weights.visititems(lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+@dataclass
+class Story:
+    """A 2-process run killed mid-way and resumed on 2, beside one process with 4 devices."""
+
+    store: Path
+    reference: Path
+    killed: tuple[int, str]
+    killed_run: object
+    resumed: list[tuple[int, str]]
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory) -> Story:
+    store, reference = tmp_path_factory.mktemp("pair"), tmp_path_factory.mktemp("single")
+    alone = start(reference, devices=4)
+    first, second = start_pair(store)
+    deadline = time.monotonic() + 240
+    while not list(store.glob("artifacts/*/artifacts/checkpoints/last.npz")) and time.monotonic() < deadline:
+        assert first.poll() is None and second.poll() is None, finish(first)[1][-2000:]
+        time.sleep(0.05)
+    second.send_signal(signal.SIGKILL)  # at its first checkpoint (step 4 of 8)
+    killed = finish(first)
+    finish(second)
+    (killed_run,) = runs(store)
+    resumed = [finish(process) for process in start_pair(store, "trainer.resume=true")]
+    code, output = finish(alone)
+    assert code == 0, output[-3000:]
+    return Story(store, reference, killed, killed_run, resumed)
+
+
+@pytest.mark.slow
+def test_killing_one_process_ends_the_run_failed_naming_it_with_a_checkpoint(story):
+    code, output = story.killed
+    assert code == 1
+    assert "fp8exp: error: process 1 of 2 failed: it exited without a word" in output
+    assert story.killed_run.info.status == "FAILED"
+    assert story.killed_run.data.tags["failure.process"] == "1"
+    assert story.killed_run.data.tags["checkpoint.step"] == "4"
+
+
+@pytest.mark.slow
+def test_resumed_on_two_processes_process_0_alone_finishes_the_one_mlflow_run(story):
+    for code, output in story.resumed:
+        assert code == 0, output[-3000:]
+    (run,) = runs(story.store)
+    assert run.info.run_id == story.killed_run.info.run_id
+    assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "1"
+    assert run.data.params["distribution.num_processes"] == "2"
+    assert run.data.params["distribution.process_id"] == "0"
+    assert run.data.metrics["fp8/gemm/fp8_matmuls"] == 24  # the per-device program, as with one process
+    assert "MLflow run" in story.resumed[0][1] and "MLflow run" not in story.resumed[1][1]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_reach_the_weights_of_one_process_with_all_the_devices(story):
+    shared, alone = final_weights(story.store), final_weights(story.reference)
+    assert len(shared) == len(alone) > 20
+    for mine, theirs in zip(shared, alone):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_checkpoints_and_ends_the_run_killed_not_failed(tmp_path):
+    """A preemption or scancel: fp8exp's signal handlers, not JAX's preemption service, get SIGTERM;
+    each process stops at a step boundary and a peer's stop is no failure."""
+    pair = start_pair(tmp_path, "trainer.checkpoint_every=2", "data.num_train=1024")
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("artifacts/*/artifacts/checkpoints/last.npz")) and time.monotonic() < deadline:
+        assert all(process.poll() is None for process in pair), finish(pair[0])[1][-2000:]
+        time.sleep(0.05)
+    for process in pair:
+        process.send_signal(signal.SIGTERM)
+    (code, output), _ = [finish(process) for process in pair]
+    (run,) = runs(tmp_path)
+    assert code == 143, output[-3000:]
+    assert run.info.status == "KILLED" and "failure.process" not in run.data.tags
+    assert int(run.data.tags["checkpoint.step"]) < 1024 // 32  # stopped before the end, with a checkpoint
+
+
+def one_line_error(process: subprocess.Popen) -> str:
+    code, output = finish(process, timeout=120)
+    errors = [line for line in output.splitlines() if line.startswith("fp8exp: error:")]
+    assert code == 2 and len(errors) == 1, output[-3000:]
+    return errors[0]
+
+
+def test_a_process_id_out_of_range_is_one_line(tmp_path):
+    line = one_line_error(start(tmp_path, process_id=2, port=free_port()))
+    assert line == "fp8exp: error: distribution.process_id: got 2, expected 0 .. 1 (distribution.num_processes=2)"
+
+
+def test_an_unreachable_coordinator_is_one_line_naming_it_after_a_bounded_wait(tmp_path):
+    port = free_port()
+    started = time.monotonic()
+    line = one_line_error(start(tmp_path, "distribution.timeout_s=3", process_id=1, port=port))
+    assert line.startswith(f"fp8exp: error: distribution.coordinator: no process 0 answered at 127.0.0.1:{port} "
+                           "within 3 s")
+    assert time.monotonic() - started < 100
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_are_one_line_each(tmp_path):
+    port = free_port()
+    processes = [start(tmp_path, f"trainer.learning_rate={rate}", process_id=index, port=port)
+                 for index, rate in ((0, 0.001), (1, 0.002))]
+    lines = [one_line_error(process) for process in processes]
+    for line in lines:
+        assert line.startswith("fp8exp: error: distribution: process 1 runs another config than process 0: "
+                               "trainer.learning_rate=0.002 (process 0: 0.001)")
+
+
+@pytest.mark.slow
+def test_a_submitit_local_job_with_two_tasks_is_one_run_over_both(tmp_path):
+    """hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2: the job's two tasks find each
+    other from submitit's environment (as SLURM's tasks do from SLURM's), one child run on 4 devices."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", *SAME, "tracking.fp8_gemm_check=false",
+            "tracking.save_model=false", "trainer.checkpoint_every=null",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    result = subprocess.run([sys.executable, "-m", "fp8exp", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = [run for run in runs(tmp_path) if "mlflow.parentRunId" in run.data.tags]
+    assert len(child) == 1 and child[0].info.status == "FINISHED"
+    assert child[0].data.tags["device"].endswith("x4")  # each task has 2: the run spans both
+
+
+def test_the_cluster_sets_the_processes_unless_the_config_does(monkeypatch):
+    from fp8exp.run.processes import detect
+    from tests.conftest import compose_config
+
+    slurm = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "16",
+             "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    found = detect(compose_config("distribution=data_parallel").distribution)
+    assert (found.index, found.count, found.coordinator.split(":")[0], found.local_devices) == (9, 16, "node001", [1])
+    assert detect(compose_config("distribution.num_processes=1").distribution).count == 1  # opted out
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert detect(compose_config("distribution=data_parallel").distribution).count == 1
+
+
+def test_weights_split_over_processes_cannot_be_saved_or_probed_yet_one_line():
+    from fp8exp.config import ConfigError
+    from fp8exp.run import distribution
+    from fp8exp.run.processes import Processes
+    from tests.conftest import compose_config
+
+    cfg = compose_config("distribution=fsdp", "tracking.fp8_probe=false")
+    with pytest.raises(ConfigError, match=r"^tracking.save_model: distribution=fsdp over 2 processes cannot save the "
+                                          r"model or run the FP8 probe yet .* set tracking.save_model=false, or use "
+                                          r"distribution=data_parallel$"):
+        distribution.start(cfg, Processes(0, 2, "127.0.0.1:1"), None)
+
+
+def test_a_large_checkpoint_arrives_whole_through_the_start_up_connection():
+    import threading
+
+    from fp8exp.run.processes import _receive, _send
+
+    payload = np.random.default_rng(0).bytes(48 << 20)  # 48 MiB: quadratic appends took a minute
+    left, right = socket.socketpair()
+    sender = threading.Thread(target=_send, args=(left, {"ok": True}, payload))
+    sender.start()
+    message, received = _receive(right)
+    sender.join()
+    left.close(), right.close()
+    assert message == {"ok": True, "payload": len(payload)} and received == payload
