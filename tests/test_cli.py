@@ -47,7 +47,7 @@ def test_unknown_precision_lists_the_options(tmp_path):
 def test_help_lists_the_config_groups(tmp_path):
     result = run_cli("--help", cwd=tmp_path, timeout=60)
     assert result.returncode == 0
-    assert "precision: float32, float8, mixed_bfloat16, mixed_float16" in result.stdout
+    assert "precision: float32, float8, float8_block, float8_current, float8_mxfp8, float8_rowwise, float8_rowwise_gw_hp, mixed_bfloat16, mixed_float16" in result.stdout
     assert ("model: base, bert_base, bert_small, bert_tiny, gemma_base, gemma_small, gemma_tiny, gpt2_base, "
             "gpt2_small, gpt2_tiny, large, llama_base, llama_small, llama_tiny, small, tiny") in result.stdout
 

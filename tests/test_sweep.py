@@ -212,7 +212,7 @@ def test_a_job_killed_mid_training_leaves_nothing_running(tmp_path):
      "model.num_heads (sweep job #1: model.num_heads=4 model.hidden_dim=30)"),
     (["precision=mixed_bfloat16,fp16"],
      "fp8exp: error: sweep job #1 (precision=fp16): In 'config': Could not find 'precision/fp16'; "
-     "valid: float32, float8, mixed_bfloat16, mixed_float16"),
+     "valid: float32, float8, float8_block, float8_current, float8_mxfp8, float8_rowwise, float8_rowwise_gw_hp, mixed_bfloat16, mixed_float16"),
     (["+sweep=precision_ab", "trainer.epochs=0"],
      "fp8exp: error: trainer.epochs: got 0, expected a positive number "
      "(sweep job #0: precision=mixed_bfloat16 trainer.seed=0 +sweep=precision_ab trainer.epochs=0)"),

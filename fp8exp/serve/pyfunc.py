@@ -6,8 +6,8 @@ code/recipes/, the FP8 recipe layers; on sys.path when MLflow loads the model).
 It imports only the standard library, pandas and MLflow, and, once MLflow loads the model, the
 shipped textmodel package, pooling module and recipes package: never the rest of fp8exp, so the
 logged model serves without fp8exp installed (`mlflow models serve -m models:/MODEL_ID --env-manager local`).
-The one exception: in a process that has fp8exp, its own FP8 recipe layers, not the shipped copy, so
-that one class per name exists there and fp8exp's checks (scales, probe, GEMM) recognise the layers.
+In a process where fp8exp registered its recipe layers already, the model uses those; fp8exp's checks
+recognise the shipped copy's layers too, by their registered names (recipes/layers.py is_recipe_layer).
 
 Inputs are strings (a synthetic run's are token ids separated by spaces, "5 17 33"): a DataFrame
 with a column `text` (or one unnamed column), a Series, a list or NumPy array of strings, one
@@ -44,13 +44,12 @@ class PyfuncTextModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         # From the model's code/ folder, which MLflow puts on sys.path before it loads this file.
+        import keras
         import pooling  # noqa: F401  (registers fp8exp>SequencePooling, the families' classifier pooling)
         import textmodel
 
-        try:  # in a process with fp8exp, its own classes: its checks (scales, probe, GEMM) know only those
-            import fp8exp.precision.recipes.layers  # noqa: F401  (registers fp8exp>RecipeDense, RecipeEinsumDense)
-        except ImportError:  # served without fp8exp: the model's shipped copy registers the same names
-            import recipes.layers  # noqa: F401
+        if keras.saving.get_registered_object("fp8exp>RecipeDense") is None:  # else fp8exp's own, in this process
+            import recipes.layers  # noqa: F401  (registers fp8exp>RecipeDense and fp8exp>RecipeEinsumDense)
 
         self.textmodel = textmodel
         self.model = textmodel.from_artifacts(context.artifacts)

@@ -198,8 +198,13 @@ def apply_recipe(target, recipe: Recipe, track_scales: bool = True) -> Applied:
     return applied
 
 
+RECIPE_CLASS_NAMES = ("fp8exp>RecipeDense", "fp8exp>RecipeEinsumDense")
+
+
 def is_recipe_layer(layer) -> bool:
-    return isinstance(layer, _RecipeLayer)
+    """By class, or by registered name: a model a pyfunc loaded with the copy of this module it
+    ships holds that copy's classes, which fp8exp's checks must recognise all the same."""
+    return isinstance(layer, _RecipeLayer) or keras.saving.get_registered_name(type(layer)) in RECIPE_CLASS_NAMES
 
 
 def recipe_layers(model: keras.Model) -> list[keras.layers.Layer]:
