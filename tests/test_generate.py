@@ -23,6 +23,7 @@ from fp8exp.models import families
 from fp8exp.precision import policy
 from fp8exp.run import tasks, train
 from fp8exp.serve import locate, logged, predict, save, textmodel
+from fp8exp.serve import meta as serve_meta
 from tests.conftest import compose_config
 from tests.test_data import write_table
 
@@ -48,7 +49,7 @@ def tiny_lm(family: str = "llama", precision: str = "float32", steps: int = 0, v
 
 
 def lm_meta(net, precision: str = "float32", vocabulary=None, **fields) -> dict:
-    return save.describe(net, precision=precision, class_names=[], sequence_length=LENGTH, lowercase=False,
+    return serve_meta.describe(net, precision=precision, class_names=[], sequence_length=LENGTH, lowercase=False,
                          vocabulary_size=len(vocabulary) if vocabulary else VOCAB, has_vocabulary=vocabulary is not None,
                          fp8exp_version="test", task="causal_lm", end_of_text_id=(len(vocabulary) if vocabulary else VOCAB) - 1,
                          max_length=MAX_LENGTH, **fields)
@@ -159,7 +160,7 @@ def test_a_saved_language_model_and_a_family_classifier_serve_without_fp8exp(tmp
     cfg = compose_config("model=llama_tiny", "precision=float32", "data=synthetic", f"data.vocabulary_size={VOCAB}")
     keras.utils.set_random_seed(0)
     classifier = families.build_classifier(cfg.model, VOCAB, 2)
-    meta = save.describe(classifier, precision="float32", class_names=["neg", "pos"], sequence_length=LENGTH,
+    meta = serve_meta.describe(classifier, precision="float32", class_names=["neg", "pos"], sequence_length=LENGTH,
                          lowercase=False, vocabulary_size=VOCAB, has_vocabulary=False, fp8exp_version="test")
     assert meta["keras_inputs"] == "token_ids+padding_mask" and meta["task"] == "classify"
     classifier_dir = saved(classifier, meta, tmp_path / "classifier")
@@ -294,7 +295,7 @@ def test_generation_settings_the_model_cannot_take_are_one_line_and_exit_2(lm_ru
         client = MlflowClient(uri)
         run_id = client.create_run(client.get_experiment_by_name("generate").experiment_id).info.run_id
         net = families.build_classifier(compose_config("model=llama_tiny").model, VOCAB, 2)
-        meta = save.describe(net, precision="float32", class_names=["neg", "pos"], sequence_length=LENGTH,
+        meta = serve_meta.describe(net, precision="float32", class_names=["neg", "pos"], sequence_length=LENGTH,
                              lowercase=False, vocabulary_size=VOCAB, has_vocabulary=False, fp8exp_version="test")
         client.log_artifacts(run_id, str(saved(net, meta, tmp_path / "model")), "model")
         client.set_terminated(run_id)

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from fp8exp.config import PRECISIONS, validate
 from fp8exp.serve import locate, logged, predict
 from fp8exp.serve import textmodel as serving
+from fp8exp.serve import meta as serve_meta
 from fp8exp.serve import save as serving_save
 from tests.conftest import ROOT, compose_config
 from tests.servers import model_server, tracking_server
@@ -203,7 +204,7 @@ def test_predict_takes_a_run_or_its_model_id_and_old_style_runs_still_work(tmp_p
     new_model = serving_save.log_model(new, tiny_net, SPLITS, cfg, tmp_path / "staging")
     new.close("FINISHED", 0, cfg)
     old = start_run(client, local, tmp_path / "artifacts")  # saved as fp8exp did before LoggedModels
-    meta = serving_save.describe(tiny_net, precision="float32", class_names=SPLITS.class_names, sequence_length=16,
+    meta = serve_meta.describe(tiny_net, precision="float32", class_names=SPLITS.class_names, sequence_length=16,
                                  lowercase=False, vocabulary_size=100, has_vocabulary=False, fp8exp_version="old")
     serving_save.log_artifact_model(old, tiny_net, SPLITS, meta, tmp_path / "staging")
     old.close("FINISHED", 0, cfg)
@@ -324,7 +325,7 @@ def saved_state(net) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, precision):
     net = trained_model(precision)
-    meta = serving_save.describe(net, precision=precision, class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serve_meta.describe(net, precision=precision, class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
     serving_save.save_mlflow_model(tmp_path / "model", net, meta, None)
     loaded = serving.TextClassifier.load(tmp_path / "model")
@@ -348,7 +349,7 @@ def test_save_and_reload_give_identical_predictions_and_fp8_state(tmp_path, prec
 def test_a_vocabulary_with_line_separators_inside_tokens_round_trips(tmp_path):
     vocabulary = ["[PAD]", "[UNK]", "line\u2028separator", "para\u2029graph", "nel", *[f"w{i}" for i in range(95)]]
     net = trained_model("float32")
-    meta = serving_save.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serve_meta.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=len(vocabulary), has_vocabulary=True, fp8exp_version="test")
     serving_save.save_mlflow_model(tmp_path / "model", net, meta, vocabulary)
     assert serving.TextClassifier.load(tmp_path / "model").vocabulary == vocabulary
@@ -357,7 +358,7 @@ def test_a_vocabulary_with_line_separators_inside_tokens_round_trips(tmp_path):
 @pytest.mark.slow
 def test_a_synthetic_model_takes_token_ids_and_says_so_otherwise(tmp_path):
     net = trained_model("float32")
-    meta = serving_save.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
+    meta = serve_meta.describe(net, precision="float32", class_names=["a", "b"], sequence_length=16, lowercase=False,
                             vocabulary_size=100, has_vocabulary=False, fp8exp_version="test")
     serving_save.save_mlflow_model(tmp_path / "model", net, meta, None)
     classifier = serving.TextClassifier.load(tmp_path / "model")

@@ -15,7 +15,7 @@ from pathlib import Path
 from fp8exp.models import pooling
 from fp8exp.precision import recipes
 from fp8exp.serve import logged, pyfunc, textmodel
-from fp8exp.serve.meta import describe, describe_run  # noqa: F401  (callers and tests use save.describe)
+from fp8exp.serve.meta import describe_run
 from fp8exp.serve.textmodel import ARTIFACT_PATH, KERAS_FILE, META_FILE, TOKENIZER_FILES
 from fp8exp.tracking.offline import MODEL_ID_TAG
 
