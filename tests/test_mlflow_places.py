@@ -18,7 +18,8 @@ from fp8exp.run.experiment import run_experiment
 from fp8exp.run.launch import LaunchContext, source_tags
 from fp8exp.tracking import offline, system
 from fp8exp.tracking.datasets import CONTEXT_TAG, dataset_inputs
-from fp8exp.tracking.run import Journal, MlflowRun
+from fp8exp.tracking.offline import Journal
+from fp8exp.tracking.run import MlflowRun
 from fp8exp.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
 from tests.conftest import tracked
 

@@ -27,7 +27,8 @@ from tests.conftest import ROOT
 SAME = ["data=synthetic", "data.sequence_length=32", "data.num_train=256", "data.num_validation=64",
         "data.num_test=64", "data.vocabulary_size=500", "trainer.epochs=1", "trainer.batch_size=32",
         "trainer.checkpoint_every=4", "model.dropout=0", "precision=float8", "distribution=data_parallel",
-        "tracking.fp8_probe=false", "tracking.fp8_whatif=false", "tracking.system_metrics=false"]
+        "tracking.fp8_probe=false", "tracking.fp8_whatif=false", "tracking.system_metrics=false",
+        "tracking.log_every_steps=1"]
 
 
 def free_port() -> int:
@@ -37,9 +38,10 @@ def free_port() -> int:
 
 
 def start(store: Path, *overrides: str, devices: int = 2, process_id: int | None = None, port: int | None = None,
-          processes: int = 2) -> subprocess.Popen:
+          processes: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     """One `python -m fp8exp` process logging to `store`; with `process_id`, one of `processes`."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     launch = [] if process_id is None else [f"distribution.coordinator=127.0.0.1:{port}",
                                             f"distribution.num_processes={processes}",
                                             f"distribution.process_id={process_id}", "distribution.timeout_s=90"]
@@ -142,6 +144,44 @@ def test_two_processes_killed_and_resumed_reach_the_weights_of_one_process_with_
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
+def loss_curve(store: Path) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    (run,) = runs(store)
+    history = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss_step")
+    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+
+
+def last_checkpoint(store: Path):
+    from fp8exp.run import checkpoint
+
+    (path,) = store.glob("artifacts/*/artifacts/checkpoints/last.npz")
+    return checkpoint.decode(path.read_bytes())
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_checkpoints_whole(story, tmp_path):
+    """Weights and Adam moments split over both processes' devices: the loss curve and final weights
+    are those of one process replicating the model; the checkpoint, the saved model and the FP8 probe
+    (at every log point) read the weights whole, gathered from both processes."""
+    results = [finish(process) for process in start_pair(tmp_path, "distribution=fsdp", "tracking.fp8_probe=true")]
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert len(loss_curve(tmp_path)) == 8
+    np.testing.assert_allclose(loss_curve(tmp_path), loss_curve(story.reference), rtol=1e-4)
+    for mine, theirs in zip(final_weights(tmp_path), final_weights(story.reference), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    split, replicated = last_checkpoint(tmp_path), last_checkpoint(story.reference)
+    assert split.step == replicated.step == 4 and split.arrays.keys() == replicated.arrays.keys()
+    for key in (key for key in split.arrays if key.startswith(("trainable/", "optimizer/"))):
+        np.testing.assert_allclose(split.arrays[key], replicated.arrays[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert any(key.endswith("/kernel_sqnr_db") for key in run.data.metrics)
+    (layers,) = tmp_path.glob("artifacts/*/artifacts/fp8/layers.md")
+    assert "| sharded (None, None, 'batch') |" in layers.read_text()  # as the weights lay while training, not gathered
+
+
 @pytest.mark.slow
 def test_sigterm_to_every_process_checkpoints_and_ends_the_run_killed_not_failed(tmp_path):
     """A preemption or scancel: fp8exp's signal handlers, not JAX's preemption service, get SIGTERM;
@@ -179,6 +219,43 @@ def test_an_unreachable_coordinator_is_one_line_naming_it_after_a_bounded_wait(t
     assert line.startswith(f"fp8exp: error: distribution.coordinator: no process 0 answered at 127.0.0.1:{port} "
                            "within 3 s")
     assert time.monotonic() - started < 100
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_process_0_failing_its_own_checks_tells_the_others_the_same_line_not_a_timeout(tmp_path):
+    """Process 0 alone reads MLflow before the meeting (the run to resume): the process waiting to
+    meet hears its error at once, rather than "no process 0 answered" after distribution.timeout_s."""
+    port = free_port()
+    pair = [start(tmp_path, "trainer.resume_from=0123456789abcdef", process_id=index, port=port) for index in (0, 1)]
+    lines = [one_line_error(process) for process in pair]
+    assert lines[0].startswith("fp8exp: error: trainer.resume_from: no run 0123456789abcdef in sqlite:///")
+    assert lines[1] == lines[0]
+
+
+def test_a_device_count_with_several_processes_is_one_line_whether_set_or_detected(tmp_path):
+    """Set in the config, the check fails before JAX starts; detected from the cluster (here
+    submitit's environment, as SLURM's), before the meeting, on every process."""
+    expected = ("fp8exp: error: distribution.devices: got 2, but 2 processes train on every device of every process; "
+                "leave it null")
+    assert one_line_error(start(tmp_path, "distribution.devices=2", process_id=0, port=free_port())).startswith(expected)
+    cluster = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "1", "JAX_COORDINATOR_PORT": str(free_port())}
+    for index in (0, 1):
+        detected = start(tmp_path, "distribution.devices=2", env={**cluster, "SUBMITIT_LOCAL_GLOBALID": str(index)})
+        assert one_line_error(detected).startswith(expected)
+
+
+def test_a_sweep_over_several_processes_without_a_launcher_that_starts_them_is_one_line(tmp_path):
+    """The basic launcher would run every job in each process: a parent run per process, and JAX's
+    runtime started again for the second job."""
+    result = subprocess.run([sys.executable, "-m", "fp8exp", "-m", *SAME, "trainer.seed=0,1",
+                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                             "distribution.coordinator=127.0.0.1:1", "distribution.num_processes=2",
+                             "distribution.process_id=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fp8exp: error:")]
+    assert result.returncode == 2 and errors == [
+        "fp8exp: error: distribution.num_processes: a sweep whose jobs run over several processes needs a launcher "
+        "that starts them (hydra/launcher=slurm or submitit_local with hydra.launcher.tasks_per_node), not "
+        "hydra/launcher=basic; or run each job as its own command on every process"], result.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -225,29 +302,37 @@ def test_the_cluster_sets_the_processes_unless_the_config_does(monkeypatch):
     assert detect(compose_config("distribution=data_parallel").distribution).count == 1
 
 
-def test_weights_split_over_processes_cannot_be_saved_or_probed_yet_one_line():
-    from fp8exp.config import ConfigError
-    from fp8exp.run import distribution
-    from fp8exp.run.processes import Processes
-    from tests.conftest import compose_config
+def test_the_meeting_hands_out_the_payload_over_connections_kept_alive_for_the_watch():
+    """In one process (threads): process 0 and process 1 meet on 127.0.0.1; the connections they
+    keep probe a silent peer (TCP keepalive), so a host that dies unannounced is noticed."""
+    import threading
 
-    cfg = compose_config("distribution=fsdp", "tracking.fp8_probe=false")
-    with pytest.raises(ConfigError, match=r"^tracking.save_model: distribution=fsdp over 2 processes cannot save the "
-                                          r"model or run the FP8 probe yet .* set tracking.save_model=false, or use "
-                                          r"distribution=data_parallel$"):
-        distribution.start(cfg, Processes(0, 2, "127.0.0.1:1"), None)
+    from fp8exp.run import meeting
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    listener, joined = meeting.listen(coordinator), {}
+    peer = threading.Thread(target=lambda: joined.update(result=meeting.join(coordinator, 1, {"seed": "0"}, 10)))
+    peer.start()
+    peers = meeting.lead(listener, coordinator, 2, {"seed": "0"}, b"checkpoint", 10)
+    peer.join()
+    to_lead, payload = joined["result"]
+    assert payload == b"checkpoint" and list(peers) == [1]
+    for conn in (to_lead, peers[1]):
+        assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == meeting.KEEPALIVE["TCP_KEEPIDLE"]
+        conn.close()
 
 
 def test_a_large_checkpoint_arrives_whole_through_the_start_up_connection():
     import threading
 
-    from fp8exp.run.processes import _receive, _send
+    from fp8exp.run.meeting import receive, send
 
     payload = np.random.default_rng(0).bytes(48 << 20)  # 48 MiB: quadratic appends took a minute
     left, right = socket.socketpair()
-    sender = threading.Thread(target=_send, args=(left, {"ok": True}, payload))
+    sender = threading.Thread(target=send, args=(left, {"ok": True}, payload))
     sender.start()
-    message, received = _receive(right)
+    message, received = receive(right)
     sender.join()
     left.close(), right.close()
     assert message == {"ok": True, "payload": len(payload)} and received == payload

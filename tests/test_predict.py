@@ -143,7 +143,8 @@ def tiny_net():
 
 def start_run(client, tracking_uri: str, artifacts: Path | None = None):
     """A run as open_run makes it, with its final test metrics logged."""
-    from fp8exp.tracking.run import Journal, MlflowRun
+    from fp8exp.tracking.offline import Journal
+    from fp8exp.tracking.run import MlflowRun
 
     experiment = client.get_experiment_by_name("models")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(

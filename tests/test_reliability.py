@@ -385,6 +385,41 @@ def test_a_server_gone_at_the_end_leaves_a_complete_offline_copy_that_syncs(tmp_
     assert_complete(MlflowClient(server.url), outcome.run_id)
 
 
+@pytest.mark.slow
+def test_a_peer_failure_ending_the_run_from_another_thread_while_the_server_is_away_loses_nothing(tmp_path, server):
+    """processes.watch's path on process 0: its watcher thread ends the run FAILED (and the process
+    exits right after) while the training thread is stuck in a collective. With the server away,
+    the whole run goes to the offline store; the training thread's own close later changes nothing."""
+    import threading
+
+    from fp8exp.tracking.context import open_run
+
+    server.ensure_up()
+    cfg = remote(tmp_path, server.url, "tracking.retry_s=1", "tracking.system_metrics=false")
+    try:
+        with pytest.raises(RuntimeError), open_run(cfg, "peer-failed", {}) as run:
+            run.log_metrics({"train/loss_step": 0.5}, step=1)
+            run.flush()
+            server.stop()
+            run.log_metrics({"train/loss_step": 0.25}, step=2)
+            run.flush()  # queued: the server is away
+            watcher = threading.Thread(target=run.end_now, args=("FAILED", {"failure.process": "1"}, cfg))
+            watcher.start()
+            watcher.join()
+            raise RuntimeError("the collective lost its peer")  # the training thread, unstuck later
+    finally:
+        server.start()
+    local = MlflowClient(f"sqlite:///{tmp_path / 'offline.db'}")
+    [copy] = local.search_runs([local.get_experiment_by_name("fp8exp").experiment_id],
+                               f"tags.`fp8exp.sync.remote_run_id` = '{run.run_id}'")
+    assert copy.info.status == "FAILED" and copy.data.tags["failure.process"] == "1"
+    assert "failure.error" not in copy.data.tags  # the training thread's failure came after the close
+    assert history(local, copy.info.run_id, "train/loss_step") == [(1, 0.5), (2, 0.25)]
+    assert tracking_sync.main(["--from", f"sqlite:///{tmp_path / 'offline.db'}", "--to", server.url]) == 0
+    delivered = MlflowClient(server.url).get_run(run.run_id)
+    assert delivered.info.status == "FAILED" and delivered.data.tags["failure.process"] == "1"
+
+
 # --- concurrency --------------------------------------------------------------------------------
 
 @pytest.mark.slow

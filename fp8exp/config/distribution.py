@@ -45,10 +45,19 @@ def _check_processes(distribution: DictConfig) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("distribution.coordinator", f"got {distribution.coordinator!r}, expected host:port of "
                           "process 0, e.g. 10.0.0.1:12355")
-    if count > 1 and distribution.name == "none":
-        raise ConfigError("distribution.name", f"{count} processes need distribution=data_parallel, "
-                          "model_parallel or fsdp; none trains on one device")
-    if count > 1 and distribution.devices is not None:
-        raise ConfigError("distribution.devices", "several processes use every device of every process; remove it")
+    if count > 1:
+        check_processes_fit(distribution, count)
     if distribution.timeout_s <= 0:
         raise ConfigError("distribution.timeout_s", f"got {distribution.timeout_s}, expected a positive number of seconds")
+
+
+def check_processes_fit(distribution: DictConfig, count: int) -> None:
+    """`count` processes (the config's, or the cluster's once detected) train on every device of
+    every process: a distribution that uses one, or a device count, does not fit."""
+    if distribution.name == "none":
+        raise ConfigError("distribution.name", f"{count} processes need distribution=data_parallel, model_parallel "
+                          "or fsdp; none trains on one device")
+    if distribution.devices is not None:
+        raise ConfigError("distribution.devices", f"got {distribution.devices}, but {count} processes train on every "
+                          "device of every process; leave it null (a process's devices are its cluster's choice, "
+                          "or CUDA_VISIBLE_DEVICES')")

@@ -72,10 +72,15 @@ def _plain(array: np.ndarray) -> tuple[np.ndarray, str | None]:
     return array, None
 
 
-def _on_host(value) -> np.ndarray:
+def held_whole(value) -> bool:
+    """Does this process hold all of `value` (one process, or replicated over processes)?"""
+    return getattr(value, "is_fully_addressable", True) or getattr(value, "is_fully_replicated", False)
+
+
+def on_host(value) -> np.ndarray:
     """A variable's whole value. Sharded over several processes, it is gathered (a collective:
     every process captures, process 0 writes); replicated, this process's copy is whole."""
-    if getattr(value, "is_fully_addressable", True) or getattr(value, "is_fully_replicated", False):
+    if held_whole(value):
         return np.asarray(keras.ops.convert_to_numpy(value))
     from jax.experimental import multihost_utils
 
@@ -90,7 +95,7 @@ def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: st
         paths[name] = [v.path for v in variables]
         for index, variable in enumerate(variables):
             key = f"{name}/{index:05d}"
-            arrays[key], dtype = _plain(_on_host(variable.value))
+            arrays[key], dtype = _plain(on_host(variable.value))
             if dtype:
                 dtypes[key] = dtype
     numpy_rng = np.random.get_state()
@@ -232,17 +237,20 @@ class Checkpointer(StepCallback):
         super().on_train_batch_end(batch, logs)
         if self.step % self.steps_per_epoch == 0:
             return  # the epoch's last step: on_epoch_end decides
-        if self._agreed_stop() or self._due():
-            self._save()
-        self._stop_if_asked()
+        self._end_step(self._due())
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._agreed_stop() or (self._due() and self.step < self.total_steps):
-            self._save()
-        self._stop_if_asked()
+        self._end_step(self._due() and self.step < self.total_steps)
 
     def on_train_end(self, logs=None):
         self.stop.deferring = False  # evaluation and reporting: a signal stops at once
+
+    def _end_step(self, due: bool) -> None:
+        stopping = self._agreed_stop()  # decided once: a signal arriving after is the next step's
+        if stopping or due:
+            self._save()
+        if stopping:
+            raise Interrupted(self.stop.signum, self.step, self.last_saved if self.last_saved == self.step else None)
 
     def _save(self) -> None:
         if self.save(self.model, self.step):
@@ -251,20 +259,18 @@ class Checkpointer(StepCallback):
         self._since = self.step
 
     def _agreed_stop(self) -> bool:
-        """Stop after this step? With several processes, if any of them was signalled: all agree,
-        so all stop at the same step and none is left waiting in a collective for a stopped one."""
+        """Stop after this step? With several processes, if any of them was signalled before this
+        step's gather: all agree, so all stop at the same step and none is left waiting in a
+        collective for a stopped one (a signal landing just after the gather waits a step)."""
+        signum = self.stop.signum
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            signals = multihost_utils.process_allgather(np.array(self.stop.signum or 0, np.int32))
-            if self.stop.signum is None and np.any(signals):
-                self.stop.signum = int(np.max(signals))  # a peer's signal: stop as it does
-        return self.stop.requested
-
-    def _stop_if_asked(self) -> None:
-        if self.stop.requested:
-            raise Interrupted(self.stop.signum, self.step,
-                              self.last_saved if self.last_saved == self.step else None)
+            signals = multihost_utils.process_allgather(np.array(signum or 0, np.int32))
+            signum = int(np.max(signals)) or None
+            if self.stop.signum is None and signum is not None:
+                self.stop.signum = signum  # a peer's signal: stop as it does
+        return signum is not None
 
 
 def store(run, state: TrainingState, staging: Path) -> bool:

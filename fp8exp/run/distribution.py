@@ -12,9 +12,10 @@ from typing import Iterator
 
 import keras
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
+from fp8exp.config.distribution import check_processes_fit
 from fp8exp.run import checkpoint, processes
 from fp8exp.run.resume import Resume, logged_params
 
@@ -40,15 +41,7 @@ def start(cfg: DictConfig, here: processes.Processes, resume: Resume | None) -> 
     """Several processes: meet (the same config everywhere), start JAX over all their devices,
     and watch each other. Process 0 found the checkpoint to resume from (it alone reads MLflow):
     every process gets its state. Returns this process's Resume (None: a new run)."""
-    if cfg.distribution.name == "none":  # the config check catches this unless the cluster set the count
-        raise ConfigError("distribution.name", f"{here.count} processes (the cluster's tasks) need distribution="
-                          "data_parallel, model_parallel or fsdp; none trains on one device")
-    if cfg.distribution.name in ("fsdp", "model_parallel"):
-        on = [key for key in ("tracking.save_model", "tracking.fp8_probe") if OmegaConf.select(cfg, key, default=True)]
-        if on:  # weights split over processes: saving and the probe read them whole on one process
-            raise ConfigError(on[0], f"distribution={cfg.distribution.name} over {here.count} processes cannot save "
-                              "the model or run the FP8 probe yet (no process holds the whole weights); set "
-                              + " ".join(f"{key}=false" for key in on) + ", or use distribution=data_parallel")
+    check_processes_fit(cfg.distribution, here.count)  # the config check did, unless the cluster set the count
     payload = checkpoint.encode(resume.state) if resume is not None else b""
     # Every setting must match, even those a resumption ignores (eval_every_steps runs collectives).
     params = {key: value for key, value in logged_params(cfg).items() if key not in processes.NOT_COMPARED}
@@ -84,8 +77,8 @@ class FullySharded(keras.distribution.ModelParallel):
 
 def _devices(distribution: DictConfig) -> list:
     available = keras.distribution.list_devices()
-    if distribution.get("num_processes") and distribution.num_processes > 1:
-        return available  # every device of every process
+    if processes.count() > 1:
+        return available  # every device of every process (check_processes_fit)
     count = distribution.devices or len(available)
     if count > len(available):
         raise ConfigError("distribution.devices", f"asks for {count} devices, {len(available)} are available "
@@ -167,6 +160,32 @@ def data_share(strategy) -> tuple[int, int]:
         raise ConfigError("distribution.mesh_shape", f"this process's devices hold batch rows {mine} of "
                           f"{len(rows)}, not one contiguous block; order the mesh [batch, model] by process")
     return mine[0] // held, len(rows) // held
+
+
+@contextlib.contextmanager
+def whole_weights(model: keras.Model) -> Iterator[None]:
+    """For a while, every weight that fsdp or model_parallel split over processes is whole on
+    every device (replicated), so that saving, the FP8 probe and the layer table can read it; the
+    split values return after. Every process must enter together (a gather); a no-op when no
+    weight is split over processes."""
+    split = [v for v in model.variables if not checkpoint.held_whole(v.value)]
+    if not split:
+        yield
+        return
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    kept = [v.value for v in split]
+    for variable, value in zip(split, kept):
+        host = checkpoint.on_host(value)
+        replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
+        # Keras' assign() would split it again by the variable's layout: set the value itself.
+        variable._value = jax.make_array_from_callback(host.shape, replicated, lambda index, _host=host: _host[index])
+    try:
+        yield
+    finally:
+        for variable, value in zip(split, kept):
+            variable._value = value
 
 
 @contextlib.contextmanager

@@ -76,9 +76,10 @@ def run_experiment(cfg: DictConfig, context: LaunchContext | None = None) -> Out
     here = processes.detect(cfg.distribution)  # several processes: process 0 alone reads and writes MLflow
     online, resume = True, None
     if here.lead:
-        online = check_reachable(cfg)
-        if cfg.trainer.resume or cfg.trainer.resume_from:
-            resume = find_resume(cfg, online)
+        with processes.lead_checks(here, cfg.distribution.timeout_s):  # a failure here is told to the others
+            online = check_reachable(cfg)
+            if cfg.trainer.resume or cfg.trainer.resume_from:
+                resume = find_resume(cfg, online)
     with stopping.GracefulStop() as stop, processes.reporting(here):
         if here.many:  # before any JAX computation
             resume = distribution.start(cfg, here, resume)
@@ -121,7 +122,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                      checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead) as run:
         staging = Path(staging_dir)
         here.on_failure = lambda index, why: run.end_now("FAILED", {
-            "failure.process": str(index), "failure.error": f"process {index} of {here.count} failed: {why}"[:1000]})
+            "failure.process": str(index), "failure.error": f"process {index} of {here.count} failed: {why}"[:1000]}, cfg)
         try:
             if resume is None:
                 run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
@@ -173,7 +174,8 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                     if whatif is not None:  # after the probe's pass: its captures are this step's
                         run.log_text(to_csv(whatif.measure(net, probe, step)), f"fp8/whatif/step_{step}.csv")
 
-                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
+                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe,
+                                            around=lambda: distribution.whole_weights(net))
                 # Logged before the interruption, the next log point follows from it; a run with
                 # nothing left to train logs its final state at the end, unless it was a log point.
                 if start_step and (not trained_out or start_step % cfg.tracking.fp8_log_every == 0):
@@ -200,8 +202,10 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
         if cfg.precision.name == "float8":
             final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
         run.log_metrics(final, step=result.steps)
-        if cfg.tracking.get("save_model", True) and run.run_id:
-            log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/): predict, serve
+        if cfg.tracking.get("save_model", True):
+            with distribution.whole_weights(net):  # every process, even those that do not save
+                if run.run_id:
+                    log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/)
 
     here.on_failure = None  # the run has ended: a peer failing from now on cannot change it
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
@@ -231,11 +235,12 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=train.as_the
                                 *policy.recipe_notes(applied)]) + "\n", "fp8/recipe.txt")
     if logger is not None and logger.probe is not None:
         if not logger.probe.captures:  # resumed at its last step, which was a log point: measure now
-            started = time.perf_counter()
-            logger.probe_metrics = logger.probe.metrics()
-            logger.probe_seconds += time.perf_counter() - started
-            if whatif is not None:
-                whatif.measure(net, logger.probe, logger.logged_steps[-1] if logger.logged_steps else logger.step)
+            with distribution.whole_weights(net):  # every process enters
+                started = time.perf_counter()
+                logger.probe_metrics = logger.probe.metrics()
+                logger.probe_seconds += time.perf_counter() - started
+                if whatif is not None:
+                    whatif.measure(net, logger.probe, logger.logged_steps[-1] if logger.logged_steps else logger.step)
         health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction, logger.probe.sizes)
         for message in health.messages():
             log.warning(message)

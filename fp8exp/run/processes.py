@@ -1,16 +1,12 @@
-"""Several processes, one run (JAX multi-controller). Before JAX starts, the processes meet at
-process 0's coordinator address over a plain socket: JAX's own start-up aborts the process (a C++
-check, no Python error) when a peer is missing, so this handshake is where a wrong address, a
-missing process or a different config is one clear line. Process 0 checks every config against
-its own and hands out what all need (the checkpoint to resume from); then the socket is given
-back to JAX's coordination service, and the open connections stay as a watch: a process that
-fails tells process 0, which ends the MLflow run FAILED naming it, and one that dies is noticed
-by its connection closing. Process 0 alone talks to MLflow."""
+"""Several processes, one run (JAX multi-controller): which processes there are (the config's,
+else the cluster's), their start (a meeting, meeting.py, then JAX's distributed runtime), and
+the watch they keep on each other after: a process that fails tells process 0, which ends the
+MLflow run FAILED naming it, and one that dies is noticed by its connection closing. Process 0
+alone talks to MLflow."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -23,11 +19,13 @@ from typing import Callable, Iterator
 from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
+from fp8exp.run import meeting
 from fp8exp.tracking import redact
 
 log = logging.getLogger(__name__)
 
 NOT_COMPARED = ("distribution.process_id", "distribution.coordinator")  # may differ between processes
+TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
 """A process stopping at a signal (stopping.Interrupted is one: it checkpoints, its run ends
 KILLED) or at Ctrl-C: not a failure to report."""
@@ -48,6 +46,8 @@ class Processes:
     on_failure: Callable[[int, str], None] | None = None
     """What another process's failure does here (process 0: end the MLflow run); then this one exits."""
     watchers: list[threading.Thread] = field(default_factory=list)
+    listener: socket.socket | None = None
+    """Process 0, from its first checks to the meeting: the coordinator port, taken."""
 
     @property
     def lead(self) -> bool:
@@ -92,112 +92,29 @@ def detect(distribution: DictConfig) -> Processes:
     return Processes()
 
 
-def _send(conn: socket.socket, message: dict, payload: bytes = b"") -> None:
-    conn.sendall(json.dumps({**message, "payload": len(payload)}).encode() + b"\n" + payload)
-
-
-def _receive(conn: socket.socket) -> tuple[dict | None, bytes]:
-    """One message (a JSON line, then its payload); None when the other side closed."""
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None, b""
-        data += chunk
-    line, _, head = data.partition(b"\n")
-    message = json.loads(line)
-    payload = bytearray(message["payload"])  # filled in place: a checkpoint can be gigabytes
-    view, filled = memoryview(payload), len(head)
-    view[:filled] = head
-    while filled < len(payload):
-        count = conn.recv_into(view[filled:])
-        if not count:
-            return None, b""
-        filled += count
-    return message, bytes(payload)
-
-
-def _differences(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
-    keys = sorted(k for k in set(mine) | set(theirs) if k not in NOT_COMPARED and mine.get(k) != theirs.get(k))
-    return [f"{k}={theirs.get(k, '(unset)')} (process 0: {mine.get(k, '(unset)')})" for k in keys]
-
-
-def _lead_meets(processes: Processes, params: dict[str, str], payload: bytes, timeout_s: float) -> None:
-    port = processes.coordinator.rsplit(":", 1)[1]
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+@contextlib.contextmanager
+def lead_checks(processes: Processes, timeout_s: float) -> Iterator[None]:
+    """Process 0's own checks before the meeting (the tracking server, the run to resume). It
+    takes the coordinator port first, so that when a check fails the processes coming to meet
+    hear why at once, not after their timeout."""
+    if not (processes.many and processes.lead):
+        yield
+        return
+    processes.listener = meeting.listen(processes.coordinator)
     try:
-        listener.bind(("", int(port)))
-    except OSError as error:
-        raise ConfigError("distribution.coordinator", f"process 0 cannot listen on port {port} ({error.strerror}); "
-                          "choose a free port") from None
-    listener.listen(processes.count)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(processes.peers) < processes.count - 1:
-            listener.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(max(1.0, deadline - time.monotonic()))
-                hello, _ = _receive(conn)
-            except (socket.timeout, OSError):
-                if time.monotonic() < deadline:
-                    continue
-                missing = [str(i) for i in range(1, processes.count) if i not in processes.peers]
-                problem = ("distribution.num_processes", f"process(es) {', '.join(missing)} of {processes.count} did "
-                           f"not join at {processes.coordinator} within {timeout_s:.0f} s; start them with the same "
-                           "command and their distribution.process_id")
-                for other in processes.peers.values():  # those that joined stop too, saying why
-                    _send(other, {"error": problem})
-                raise ConfigError(*problem) from None
-            if hello is None:
-                continue
-            problem = None
-            index = hello["process_id"]
-            if index in processes.peers or index == 0:
-                problem = ("distribution.process_id", f"two processes have distribution.process_id={index}; "
-                           f"give each of the {processes.count} a different one, 0 .. {processes.count - 1}")
-            elif _differences(params, hello["params"]):
-                problem = ("distribution", f"process {index} runs another config than process 0: "
-                           f"{'; '.join(_differences(params, hello['params'])[:3])}; every process must run the "
-                           "same command, only distribution.process_id differs")
-            if problem:
-                for other in [conn, *processes.peers.values()]:
-                    _send(other, {"error": problem})
-                raise ConfigError(*problem)
-            processes.peers[index] = conn
-        for conn in processes.peers.values():
-            conn.settimeout(None)
-            _send(conn, {"ok": True}, payload)
-    finally:
-        listener.close()  # the port goes to JAX's coordination service
+        yield
+    except BaseException as error:
+        meeting.turn_away(processes.listener, processes.count - 1, _failure(error), min(timeout_s, TURN_AWAY_S))
+        raise
 
 
-def _peer_meets(processes: Processes, params: dict[str, str], timeout_s: float) -> bytes:
-    host, port = processes.coordinator.rsplit(":", 1)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            wait = max(0.1, deadline - time.monotonic())
-            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=wait)
-            break
-        except OSError as error:
-            if time.monotonic() >= deadline:
-                raise ConfigError("distribution.coordinator", f"no process 0 answered at {processes.coordinator} "
-                                  f"within {timeout_s:.0f} s ({error.strerror or error}); start process 0 "
-                                  "(distribution.process_id=0) with the same command, or fix the address") from None
-            time.sleep(0.2)
-    _send(conn, {"process_id": processes.index, "params": params})
-    conn.settimeout(None)  # process 0 answers once all have joined (its own bounded wait)
-    reply, payload = _receive(conn)
-    if reply is None:
-        raise ConfigError("distribution.coordinator", f"process 0 at {processes.coordinator} hung up at start-up: "
-                          "see its output")
-    if not reply.get("ok"):
-        raise ConfigError(*reply["error"]) if "error" in reply else ConfigError(
-            "distribution.coordinator", f"process 0 stopped at start-up: {reply.get('failed', reply)}")
-    processes.peers[0] = conn
-    return payload
+def _failure(error: BaseException) -> dict:
+    """How a failure is told to another process: its first line, and a ConfigError as itself too."""
+    first = redact.text((str(error).strip().splitlines() or [""])[0])
+    told = {"failed": f"{type(error).__name__}: {first}"[:1000]}
+    if isinstance(error, ConfigError):
+        told["error"] = [error.key, redact.text(str(error).removeprefix(f"{error.key}: "))]
+    return told
 
 
 def start(processes: Processes, params: dict[str, str], payload: bytes, timeout_s: float) -> bytes:
@@ -206,9 +123,12 @@ def start(processes: Processes, params: dict[str, str], payload: bytes, timeout_
     import jax
 
     if processes.lead:
-        _lead_meets(processes, params, payload, timeout_s)
+        listener = processes.listener or meeting.listen(processes.coordinator)
+        processes.listener = None
+        processes.peers.update(meeting.lead(listener, processes.coordinator, processes.count, params, payload,
+                                            timeout_s))
     else:
-        payload = _peer_meets(processes, params, timeout_s)
+        processes.peers[0], payload = meeting.join(processes.coordinator, processes.index, params, timeout_s)
     log.info("%s: all %d processes joined at %s", processes, processes.count, processes.coordinator)
     # JAX's preemption service would take SIGTERM from fp8exp's handlers (stopping.GracefulStop):
     # a preempted or scancel-ed run must still checkpoint and end KILLED.
@@ -224,12 +144,12 @@ def watch(processes: Processes) -> None:
     for index, conn in processes.peers.items():
         def listen(index=index, conn=conn):
             try:
-                message, _ = _receive(conn)
+                message, _ = meeting.receive(conn)
             except (OSError, ValueError):
                 message = None
             if processes.ended or (message or {}).get("done"):
                 return
-            why = (message or {}).get("failed") or "it exited without a word (killed, or out of memory?)"
+            why = (message or {}).get("failed") or "it exited without a word (killed, out of memory, or its host lost)"
             if processes.on_failure is not None:
                 processes.on_failure(index, why)
             exit_for(processes, index, why)
@@ -260,14 +180,13 @@ def reporting(processes: Processes) -> Iterator[None]:
 def end(processes: Processes, error: BaseException | None = None) -> None:
     """Tell the others this process is done, or why it failed."""
     processes.ended = True
-    first = redact.text((str(error).strip().splitlines() or [""])[0]) if error is not None else ""
     if error is None or isinstance(error, STOPS):  # a stop (signal, Ctrl-C) ends the others' runs, not as failures
-        message = {"done": True, **({"stopped": f"{type(error).__name__}: {first}"[:1000]} if error else {})}
+        message = {"done": True, **({"stopped": _failure(error)["failed"]} if error else {})}
     else:
-        message = {"failed": f"{type(error).__name__}: {first}"[:1000]}
+        message = _failure(error)
     for conn in processes.peers.values():
         try:
-            _send(conn, message)
+            meeting.send(conn, message)
         except OSError:
             pass
 

@@ -81,6 +81,13 @@ class SweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         jobs = job_overrides(config)
         composed = validated_jobs(config, jobs) if jobs else []
+        launcher = str(config.hydra.runtime.choices.get("hydra/launcher"))
+        if launcher in ("basic", "local_parallel") and any((cfg.distribution.num_processes or 1) > 1 for cfg in composed):
+            # Each process would run the whole sweep, with its own parent run and JAX runtime per job.
+            raise ConfigError("distribution.num_processes", f"a sweep whose jobs run over several processes needs a "
+                              f"launcher that starts them (hydra/launcher=slurm or submitit_local with "
+                              f"hydra.launcher.tasks_per_node), not hydra/launcher={launcher}; or run each job as "
+                              "its own command on every process")
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:  # claimed atomically: two sweeps started in the same second must not share children

@@ -16,7 +16,6 @@ import keras
 import numpy as np
 from omegaconf import DictConfig
 
-from fp8exp.config import ConfigError
 from fp8exp.data import Splits
 from fp8exp.models import classifier, families
 from fp8exp.run import train

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fp8exp.config import offline_uri, tracking_uri
 from fp8exp.tracking import redact
-from fp8exp.tracking.run import Journal, MlflowRun, NullRun, flatten
+from fp8exp.tracking.offline import Journal
+from fp8exp.tracking.run import MlflowRun, NullRun, flatten
 from fp8exp.tracking.store import create_run, fast_failing_http
 
 log = logging.getLogger(__name__)

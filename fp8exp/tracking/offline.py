@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SYNC_TAGS = ("fp8exp.sync.status", "fp8exp.sync.target_uri", "fp8exp.sync.remote_run_id")
@@ -31,7 +32,24 @@ METRIC_LIMIT = 1000
 PARAM_LIMIT = 100
 
 
-def write_offline(journal, status: str, end_time: int, uri: str, remote_uri: str, remote_run_id: str | None) -> str:
+@dataclass
+class Journal:
+    """Everything a run logged in this process, to write a complete copy if the server is lost."""
+
+    experiment: str
+    run_name: str
+    start_time: int
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: list = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    """artifact dir -> local file logged into it (the latest)."""
+    inputs: list = field(default_factory=list)
+    """DatasetInputs (the run's data, see datasets.py)."""
+
+
+def write_offline(journal: Journal, status: str, end_time: int, uri: str, remote_uri: str, remote_run_id: str | None) -> str:
     """Write everything `journal` holds as a run of the offline store at `uri`; returns its id."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 
 from fp8exp.config import offline_uri
 from fp8exp.tracking import redact
-from fp8exp.tracking.offline import write_offline
+from fp8exp.tracking.offline import Journal, write_offline
 from fp8exp.tracking.store import local_path
 
 log = logging.getLogger(__name__)
@@ -91,30 +90,13 @@ class NullRun:
     def flush(self) -> None:
         pass
 
-    def end_now(self, status: str, tags: dict[str, str]) -> None:
+    def end_now(self, status: str, tags: dict[str, str], cfg: DictConfig) -> None:
         pass
 
     @property
     def in_outage(self) -> bool:
         """Whether the store is unreachable right now (calls are queued)."""
         return False
-
-
-@dataclass
-class Journal:
-    """Everything a run logged in this process, to write a complete copy if the server is lost."""
-
-    experiment: str
-    run_name: str
-    start_time: int
-    tags: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
-    metrics: list = field(default_factory=list)
-    texts: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-    """artifact dir -> local file logged into it (the latest)."""
-    inputs: list = field(default_factory=list)
-    """DatasetInputs (the run's data, see datasets.py)."""
 
 
 class MlflowRun(NullRun):
@@ -134,6 +116,8 @@ class MlflowRun(NullRun):
         self._queue: list[tuple[str, Callable[[], None]]] = []
         self._in_outage = False
         self.failed_calls = 0
+        self._store_lock = threading.RLock()  # end_now closes from another thread
+        self._closed = False
 
     # -- what training logs ---------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -206,16 +190,21 @@ class MlflowRun(NullRun):
         offline copy holds only what the journal describes."""
         self._enqueue(key, call)
 
-    def end_now(self, status: str, tags: dict[str, str]) -> None:
-        """From another thread, while the one training is stuck (in a collective whose peer
-        process died): `tags` and `status` straight to the store, best effort, past the queue."""
-        from mlflow.entities import RunTag
-
-        try:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in redact.tags(tags).items()])
-            self.client.set_terminated(self.run_id, status)
-        except Exception as error:  # noqa: BLE001
-            log.error("could not end run %s %s: %s", self.run_id, status, error)
+    def end_now(self, status: str, tags: dict[str, str], cfg: DictConfig) -> None:
+        """From another thread, while the one training may be stuck (in a collective whose peer
+        process died) and the process is about to exit: `tags`, everything queued and `status`
+        delivered, else the whole run written to the offline store, as close() does. A run
+        already closed is left as it is."""
+        with self._store_lock:
+            if self._closed:
+                return
+            try:
+                self.set_tags(tags)
+            except Exception as error:  # noqa: BLE001  (rejected: the status must still go)
+                log.error("could not tag run %s: %s", self.run_id, error)
+            self.close(status, cfg.tracking.retry_s, cfg)
+        if self.delivery_note:
+            log.warning(self.delivery_note)
 
     def flush(self) -> None:
         while self._metrics:
@@ -227,20 +216,22 @@ class MlflowRun(NullRun):
     # -- delivery -------------------------------------------------------------------------
     def _enqueue(self, key: str, call: Callable[[], None]) -> None:
         """Queue a call that replaces a still-queued one with the same key (a re-logged file)."""
-        self._queue = [entry for entry in self._queue if entry[0] != key]
-        self._queue.append((key, call))
+        with self._store_lock:
+            self._queue = [entry for entry in self._queue if entry[0] != key]
+            self._queue.append((key, call))
         self._deliver()
 
     @property
     def in_outage(self) -> bool:
         return self._in_outage
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue) + (1 if self._metrics else 0)
-
     def _deliver(self) -> bool:
-        """Send queued calls in order until one fails for an outage; True when all went."""
+        """Send queued calls in order until one fails for an outage; True when all went. Once
+        the run is closed, nothing more goes: a closed run is never changed."""
+        with self._store_lock:
+            return self._closed or self._send_queued()
+
+    def _send_queued(self) -> bool:
         while self._queue:
             try:
                 self._queue[0][1]()
@@ -262,7 +253,15 @@ class MlflowRun(NullRun):
 
     def close(self, status: str, retry_s: float, cfg: DictConfig) -> None:
         """End the run `status`: deliver everything (retrying up to `retry_s`), else write the
-        whole run to the offline store. Says which in `delivery_note`."""
+        whole run to the offline store. Says which in `delivery_note`. Once only."""
+        with self._store_lock:
+            if not self._closed:
+                try:
+                    self._close(status, retry_s, cfg)
+                finally:
+                    self._closed = True
+
+    def _close(self, status: str, retry_s: float, cfg: DictConfig) -> None:
         self.flush()
         end_time = int(time.time() * 1000)
         self._queue.append(("status", lambda: self.client.set_terminated(self.run_id, status, end_time)))
