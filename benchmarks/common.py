@@ -21,7 +21,7 @@ from fp8exp.data.synthetic import generate
 from fp8exp.models import classifier as model
 from fp8exp.precision import gemm as fp8_gemm
 from fp8exp.precision import policy as precision
-from fp8exp.run import train
+from fp8exp.run import distribution, train
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Timing:
     fused: int
     recipe: str | None = None
     """float8's recipe (precision.recipe); None = delayed, Keras' own."""
+    devices: int = 1
+    """Data-parallel over this many devices, each with the same per-device batch."""
 
 
 QUICK_RECIPES = ("delayed", "block")
@@ -116,16 +118,20 @@ def time_steps(net: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int, 
 
 
 def measure(precision_name: str, hidden_dim: int, sequence_length: int, batch_size: int, steps: int,
-            num_layers: int = 1, check_gemm: bool = True, recipe: str | None = None) -> Timing:
-    net = build(precision_name, hidden_dim, sequence_length, num_layers, recipe=recipe)
-    x, y = synthetic_batch_data(batch_size * steps, sequence_length)
-    timer, _ = time_steps(net, x, y, batch_size, steps)
-    times = timer.step_times()  # the first call of the timed fit is left out as if it compiled
-    median = float(np.median(times))
-    report = fp8_gemm.inspect_train_step(net, x[:batch_size], y[:batch_size]) \
-        if check_gemm and precision_name == "float8" else None
+            num_layers: int = 1, check_gemm: bool = True, recipe: str | None = None, devices: int = 1) -> Timing:
+    """Median step time; with `devices` > 1, data-parallel (distribution=data_parallel's Keras
+    DataParallel) over the first `devices` devices, `batch_size` rows on each."""
+    strategy = keras.distribution.DataParallel(devices=jax.devices()[:devices]) if devices > 1 else None
+    batch_size *= devices
+    with distribution.scope(strategy):
+        net = build(precision_name, hidden_dim, sequence_length, num_layers, recipe=recipe)
+        x, y = synthetic_batch_data(batch_size * steps, sequence_length)
+        timer, _ = time_steps(net, x, y, batch_size, steps)
+        report = fp8_gemm.inspect_train_step(net, x[:batch_size], y[:batch_size]) \
+            if check_gemm and precision_name == "float8" else None
+    median = float(np.median(timer.step_times()))  # the timed fit's first call is left out as if it compiled
     return Timing(precision_name, hidden_dim, sequence_length, median * 1e3, report.verdict if report else "-",
-                  report.fp8_matmuls if report else 0, report.fused if report else 0, recipe)
+                  report.fp8_matmuls if report else 0, report.fused if report else 0, recipe, devices)
 
 
 def machine() -> str:

@@ -5,6 +5,7 @@ wheels benchmarks/gpu_wheels.sh downloads: no TensorFlow, no MLflow, no network.
     python -m benchmarks.gpu_kit                      # hidden 1024..8192, ~10 min on one H100/H200
     python -m benchmarks.gpu_kit --llama 2048 4096    # also Llama blocks at 1B / 8B shapes (language_models.py)
     python -m benchmarks.gpu_kit --recipes            # also every FP8 recipe (precision.recipe) at hidden 4096, 8192
+    python -m benchmarks.gpu_kit --data-parallel      # also the largest size data-parallel over every GPU here
     python -m benchmarks.gpu_kit --quick              # tiny, to check the code runs (CPU is fine)
 """
 
@@ -14,8 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from benchmarks import language_models
-from benchmarks.common import QUICK_RECIPES, machine, measure, recipe_table, size_table
+from benchmarks.common import QUICK_RECIPES, Timing, machine, markdown_table, measure, recipe_table, size_table
 from fp8exp.config.precision import FP8_RECIPES
 
 
@@ -32,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-layers", type=int, default=4)
     parser.add_argument("--recipes", type=int, nargs="*", metavar="HIDDEN",
                         help="time every FP8 recipe against BF16 at these hidden sizes (default with the flag: 4096 8192)")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="time the largest size on every GPU here against one, the batch per GPU fixed")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -68,6 +73,15 @@ def main(argv=None) -> int:
             print(f"hidden {hidden} float8 recipe {recipe}: {timing.median_ms:.2f} ms/step, FP8 GEMMs {timing.gemm}",
                   flush=True)
             by_recipe.append(timing)
+    parallel = []
+    if args.data_parallel and len(jax.devices()) > 1:
+        for precision in ("mixed_bfloat16", "float8"):
+            for devices in (1, len(jax.devices())):
+                timing = measure(precision, args.sizes[-1], args.sequence, args.batch, args.steps,
+                                 num_layers=args.layers, devices=devices)
+                print(f"hidden {args.sizes[-1]} {precision} on {devices} devices: {timing.median_ms:.2f} ms/step",
+                      flush=True)
+                parallel.append(timing)
     fp8 = [t for t in timings if t.precision == "float8"]
     verdict = ("every FP8 matmul ran as an FP8 GEMM" if all(t.gemm == "fused" for t in fp8) else
                "**not every FP8 matmul ran as an FP8 GEMM** (see the last column): the speed-up understates FP8")
@@ -81,6 +95,8 @@ def main(argv=None) -> int:
                  "against delayed, and whether its matmuls ran as FP8 GEMMs (`fused`) or were emulated (block and "
                  "mxfp8 are emulated unless JAX has block-scaled FP8 dots for this GPU):\n\n"
                  + recipe_table(by_recipe) + "\n")
+    if args.data_parallel:
+        text += "\n" + parallel_section(parallel, args.batch, args.sequence) + "\n"
     if llama:
         text += (f"\nLlama-style causal LMs ({args.llama_layers} blocks at Llama 3.2 1B / Llama 3 8B shapes: grouped-query "
                  f"attention, SwiGLU; vocabulary 32,000), batch {args.batch} x sequence {args.sequence}, next-token "
@@ -89,6 +105,22 @@ def main(argv=None) -> int:
     args.out.write_text(text)
     print(text)
     return 0
+
+
+def parallel_section(timings: list[Timing], batch: int, sequence: int) -> str:
+    """Data-parallel over every device against one, the batch per device fixed (weak scaling):
+    efficiency 100% = the gradient all-reduce costs nothing."""
+    if not timings:
+        return (f"Data-parallel: {len(jax.devices())} device here; the row needs a machine with several GPUs "
+                "(`distribution=data_parallel`).")
+    one = {t.precision: t.median_ms for t in timings if t.devices == 1}
+    rows = [[t.precision, t.devices, t.devices * batch, f"{t.median_ms:.2f}",
+             f"{t.devices * batch * sequence / t.median_ms * 1e3:,.0f}", f"{one[t.precision] / t.median_ms:.0%}",
+             f"{t.gemm} ({t.fused}/{t.fp8_matmuls})" if t.precision == "float8" else "-"] for t in timings]
+    return (f"Data-parallel (`distribution=data_parallel`, one process), hidden {timings[0].hidden_dim}, batch "
+            f"{batch} x sequence {sequence} per device; scaling efficiency = one device's step time over this "
+            "one's:\n\n" + markdown_table(["precision", "devices", "global batch", "ms/step", "tokens/s",
+                                             "scaling efficiency", "FP8 GEMMs"], rows))
 
 
 if __name__ == "__main__":

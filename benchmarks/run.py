@@ -279,7 +279,9 @@ def main(argv=None) -> int:
         sections[title] = f"{section(args.quick)}\nMeasured on {machine()}; `{command}`.\n"
     gpu = ROOT / "docs" / "benchmarks-gpu.md"
     sections["GPU kit"] = gpu.read_text() if gpu.is_file() else \
-        "Not run yet: no FP8 GPU was available. See `benchmarks/gpu_kit.py` and the README.\n"
+        ("Not run yet: no FP8 GPU was available, nor a machine with several GPUs for its `--data-parallel` rows "
+         "(data-parallel over every GPU against one, the batch per GPU fixed). See `benchmarks/gpu_kit.py` and the "
+         "README.\n")
     order = [title for title, _ in SECTIONS.values()] + ["GPU kit"]
     quick = " Quick mode: tiny sizes, not results.\n" if args.quick else ""
     parts = [f"# Benchmarks\n\nWritten by `make bench` (`python -m benchmarks.run`).{quick}\n"]

@@ -1,13 +1,16 @@
 """The benchmark code runs (on tiny sizes), so `make bench` and the GPU kit cannot rot.
 Nothing here judges a timing: benchmarks measure, tests check."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks import gpu_kit, language_models, run
+from benchmarks import language_models, run
 from benchmarks.common import QUICK_RECIPES, Timing, recipe_table, size_table
-from tests.conftest import needs_clothing
+from tests.conftest import ROOT, needs_clothing
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +51,17 @@ def test_quick_data_path_section(tmp_path):
 
 
 def test_gpu_kit_runs_on_cpu_and_says_fp8_was_not_fused(tmp_path):
+    """On 4 virtual CPU devices, so that the data-parallel rows run as on a multi-GPU machine."""
     out = tmp_path / "gpu.md"
-    assert gpu_kit.main(["--quick", "--llama", "2048", "--recipes", "--out", str(out)]) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    kit = subprocess.run([sys.executable, "-m", "benchmarks.gpu_kit", "--quick", "--llama", "2048", "--recipes",
+                          "--data-parallel", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert kit.returncode == 0, kit.stderr[-3000:]
     text = out.read_text()
+    for precision in ("mixed_bfloat16", "float8"):  # one device, then all 4 with 4x the batch
+        assert re.search(rf"\| {precision} \| 1 \| 4 \| \d+\.\d\d \| [\d,]+ \| 100% \|", text), precision
+        assert re.search(rf"\| {precision} \| 4 \| 16 \| \d+\.\d\d \| [\d,]+ \| \d+% \|", text), precision
     for recipe in QUICK_RECIPES:  # each recipe against bf16 at the quick size, with its GEMM check
         assert re.search(rf"\| 32 \| {recipe} \| \d+\.\d\d \| \d+\.\d\dx \| \d+\.\d\dx \| emulated \(0/\d+\) \|", text), recipe
     assert re.search(r"\| llama \| 64 \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| emulated \(0/\d+\) \|", text)
