@@ -189,3 +189,20 @@ def test_fsdp_splits_each_matrix_along_its_largest_divisible_axis():
     assert fsdp_axes((32, 2, 16), 4) == ("batch", None, None)
     assert fsdp_axes((30, 6), 4) == (None, None)  # nothing divides: whole on every device
     assert fsdp_axes((1024,), 4) == (None,)  # vectors (amax histories, biases) stay replicated
+
+
+def test_fsdp_never_splits_fp8_bookkeeping_even_where_its_shape_divides():
+    """A recipe layer's scale record is (3, 6): over 2, 3 or 6 devices fsdp_axes would split it,
+    and with one device per process no process could read it (checkpoints, health checks)."""
+    import keras
+
+    from fp8exp.precision.recipes.layers import RECORD
+    from fp8exp.run.distribution import FullySharded
+
+    mesh = keras.distribution.DeviceMesh((2,), ["batch"], ["cpu:0", "cpu:1"])
+    fsdp = FullySharded(layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch")
+    layer = keras.layers.Dense(6)
+    layer.build((None, 4))
+    record = keras.Variable(keras.ops.zeros((3, 6)), name=RECORD)
+    assert fsdp.get_variable_layout(layer.kernel).axes == (None, "batch")  # (4, 6): along its larger axis
+    assert fsdp.get_variable_layout(record).axes == (None, None)

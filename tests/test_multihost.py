@@ -164,7 +164,8 @@ def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_
     """Weights and Adam moments split over both processes' devices: the loss curve and final weights
     are those of one process replicating the model; the checkpoint, the saved model and the FP8 probe
     (at every log point) read the weights whole, gathered from both processes."""
-    results = [finish(process) for process in start_pair(tmp_path, "distribution=fsdp", "tracking.fp8_probe=true")]
+    results = [finish(process) for process in start_pair(tmp_path, "distribution=fsdp", "tracking.fp8_probe=true",
+                                                         "tracking.fp8_log_every=3")]  # gathered mid-run too
     for code, output in results:
         assert code == 0, output[-3000:]
     (run,) = runs(tmp_path)
@@ -244,6 +245,14 @@ def test_a_device_count_with_several_processes_is_one_line_whether_set_or_detect
         assert one_line_error(detected).startswith(expected)
 
 
+def test_a_batch_that_does_not_split_over_every_device_of_every_process_is_one_line_on_each(tmp_path):
+    port = free_port()
+    pair = [start(tmp_path, "trainer.batch_size=30", process_id=index, port=port) for index in (0, 1)]
+    for line in [one_line_error(process) for process in pair]:
+        assert line == ("fp8exp: error: trainer.batch_size: 30 does not split evenly over the 4 devices of the batch "
+                        "axis of 2 processes; use a multiple of 4")
+
+
 def test_a_sweep_over_several_processes_without_a_launcher_that_starts_them_is_one_line(tmp_path):
     """The basic launcher would run every job in each process: a parent run per process, and JAX's
     runtime started again for the second job."""
@@ -319,8 +328,43 @@ def test_the_meeting_hands_out_the_payload_over_connections_kept_alive_for_the_w
     assert payload == b"checkpoint" and list(peers) == [1]
     for conn in (to_lead, peers[1]):
         assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == meeting.KEEPALIVE["TCP_KEEPIDLE"]
+        idle = getattr(socket, "TCP_KEEPIDLE", None) or socket.TCP_KEEPALIVE  # Linux, else macOS
+        assert conn.getsockopt(socket.IPPROTO_TCP, idle) == meeting.KEEPALIVE["TCP_KEEPIDLE"]
         conn.close()
+
+
+WATCHED = """
+import socket, sys, time
+from fp8exp.run import meeting, processes
+mine, theirs = socket.socketpair()
+here = processes.Processes(0, 2, "127.0.0.1:1", peers={1: mine})
+processes.STOPPED_GRACE_S = 0.5
+def on_failure(index, why, status):
+    print("run ended", status, file=sys.stderr, flush=True)
+    raise RuntimeError("the store is gone")
+here.on_failure = on_failure
+processes.watch(here)
+if sys.argv[1] == "dies":
+    theirs.close()
+else:
+    meeting.send(theirs, {"done": True, "stopped": "Interrupted: SIGTERM"})
+time.sleep(60)  # stuck, as in a collective the other process left
+"""
+
+
+@pytest.mark.parametrize("peer, code, line, status", [
+    ("dies", 1, "process 1 of 2 failed: it exited without a word (killed, out of memory, or its host lost)", "FAILED"),
+    ("stops", 143, "process 1 of 2 stopped: it stopped (Interrupted: SIGTERM) and this one had not", "KILLED")])
+def test_a_process_left_waiting_by_its_peer_ends_its_run_and_exits_even_if_the_run_cannot_end(peer, code, line,
+                                                                                              status):
+    """processes.watch in process 0, stuck (here in a sleep): its peer dies without a word, or stops
+    at a signal while this one does not stop within STOPPED_GRACE_S. The run is ended (here that
+    fails: the store is gone) and the process exits all the same, naming the peer."""
+    result = subprocess.run([sys.executable, "-c", WATCHED, peer], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert f"run ended {status}" in result.stderr and "could not end the run after process 1 of 2" in result.stderr
+    assert f"fp8exp: error: {line}; process 0 of 2 stops" in result.stderr
 
 
 def test_a_large_checkpoint_arrives_whole_through_the_start_up_connection():

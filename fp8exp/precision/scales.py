@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from fp8exp.precision.recipes.layers import recipe_layers, scale_metrics
+from fp8exp.precision.recipes.layers import RECORD, recipe_layers, scale_metrics
 from fp8exp.precision.recipes.matmul import RECORD_TENSORS
 from fp8exp.precision.recipes.stats import COLUMNS
 
@@ -57,6 +57,12 @@ def recipe_records(model: keras.Model) -> dict[str, dict[str, dict[str, float]]]
             rows = np.asarray(keras.ops.convert_to_numpy(layer.scale_stats.value), np.float64)
             records[layer.path] = {tensor: dict(zip(COLUMNS, row.tolist())) for tensor, row in zip(RECORD_TENSORS, rows)}
     return records
+
+
+def is_fp8_state(variable) -> bool:
+    """A scale, amax history (Keras) or scale record (recipes): bookkeeping every device must hold
+    whole, so that all quantize alike and any process can read it."""
+    return variable.name == RECORD or variable.name.endswith(("_scale", "_amax_history"))
 
 
 def state_size(model: keras.Model) -> int:

@@ -246,9 +246,11 @@ class Checkpointer(StepCallback):
         self.stop.deferring = False  # evaluation and reporting: a signal stops at once
 
     def _end_step(self, due: bool) -> None:
-        stopping = self._agreed_stop()  # decided once: a signal arriving after is the next step's
+        stopping = self._agreed_stop()  # decided once: a signal arriving after is the next step's...
         if stopping or due:
             self._save()
+        if jax.process_count() == 1 and self.stop.requested and self.last_saved == self.step:
+            stopping = True  # ...except one during this step's save, with nobody else to agree with
         if stopping:
             raise Interrupted(self.stop.signum, self.step, self.last_saved if self.last_saved == self.step else None)
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
 from fp8exp.config.distribution import check_processes_fit
+from fp8exp.precision.scales import is_fp8_state
 from fp8exp.run import checkpoint, processes
 from fp8exp.run.resume import Resume, logged_params
 
@@ -66,13 +67,15 @@ def fsdp_axes(shape: tuple[int, ...], ways: int) -> tuple[str | None, ...]:
 class FullySharded(keras.distribution.ModelParallel):
     """`distribution=fsdp`: batches and weights split over one `batch` axis (ZeRO-3 / FSDP). The
     optimizer's moments take their weight's layout (Keras creates them from it), so they are
-    split too; XLA gathers each weight where a step uses it."""
+    split too; XLA gathers each weight where a step uses it. FP8 bookkeeping is never split (a
+    recipe's (3, 6) scale record would be, over 2, 3 or 6 devices)."""
 
     def get_variable_layout(self, variable):
         if getattr(variable, "_layout", None) is not None:
             return variable._layout
-        return keras.distribution.TensorLayout(fsdp_axes(tuple(variable.shape), self.device_mesh.shape[0]),
-                                               self.device_mesh)
+        shape = tuple(variable.shape)
+        axes = (None,) * len(shape) if is_fp8_state(variable) else fsdp_axes(shape, self.device_mesh.shape[0])
+        return keras.distribution.TensorLayout(axes, self.device_mesh)
 
 
 def _devices(distribution: DictConfig) -> list:

@@ -3,6 +3,7 @@ train; tracking watches through callbacks and a run context."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import tempfile
@@ -121,8 +122,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
             open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
                      checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead) as run:
         staging = Path(staging_dir)
-        here.on_failure = lambda index, why: run.end_now("FAILED", {
-            "failure.process": str(index), "failure.error": f"process {index} of {here.count} failed: {why}"[:1000]}, cfg)
+        here.on_failure = functools.partial(end_for_peer, run, cfg, here.count)
         try:
             if resume is None:
                 run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
@@ -174,8 +174,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                     if whatif is not None:  # after the probe's pass: its captures are this step's
                         run.log_text(to_csv(whatif.measure(net, probe, step)), f"fp8/whatif/step_{step}.csv")
 
-                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe,
-                                            around=lambda: distribution.whole_weights(net))
+                # The probe (and what-if) read the kernels: split over processes, whole for the log point.
+                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe, around=functools.partial(
+                    distribution.whole_weights, net) if probe else contextlib.nullcontext)
                 # Logged before the interruption, the next log point follows from it; a run with
                 # nothing left to train logs its final state at the end, unless it was a log point.
                 if start_step and (not trained_out or start_step % cfg.tracking.fp8_log_every == 0):
@@ -188,6 +189,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                                                 to_inputs=to_inputs)
         except stopping.Interrupted as interrupted:
             interrupted.run_id = run.run_id
+            raise
+        except Exception:
+            processes.settle(here)  # before the run closes: a dead peer's watcher names it on the run
             raise
         final = tasks.final_metrics(cfg, result.test)
         disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps,
@@ -211,6 +215,15 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
     outcome = Outcome(run.run_id, name, final, run.delivery_note)
     print_summary(cfg, outcome)
     return outcome
+
+
+def end_for_peer(run, cfg: DictConfig, count: int, index: int, why: str, status: str) -> None:
+    """Process 0's run, when process `index` failed (FAILED, `failure.*`) or stopped at a signal
+    that left this one waiting (KILLED, `killed.*`)."""
+    key, verb = ("failure", "failed") if status == "FAILED" else ("killed", "stopped")
+    run.end_now(status, {f"{key}.process": str(index),
+                         f"{key}.{'error' if status == 'FAILED' else 'reason'}": f"process {index} of {count} {verb}: "
+                                                                                 f"{why}"[:1000]}, cfg)
 
 
 def recipe_tags(cfg: DictConfig, net) -> dict[str, str]:

@@ -15,7 +15,7 @@ import time
 from fp8exp.config import ConfigError
 
 
-KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # macOS: TCP_KEEPALIVE is the idle time
 """The connections stay open through training, as processes.watch's: TCP keepalive probes (after
 10 s of silence, every 5 s, 3 unanswered) notice in ~25 s a host that died without closing them
 (power, network), where a plain read would wait forever."""
@@ -24,7 +24,8 @@ KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
 def keep_alive(conn: socket.socket) -> socket.socket:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in KEEPALIVE.items():
-        if hasattr(socket, option):  # Linux; macOS has TCP_KEEPINTVL and TCP_KEEPCNT
+        option = option if hasattr(socket, option) or option != "TCP_KEEPIDLE" else "TCP_KEEPALIVE"
+        if hasattr(socket, option):
             conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return conn
 
@@ -127,7 +128,7 @@ def join(coordinator: str, index: int, params: dict[str, str], timeout_s: float)
     while True:
         try:
             wait = max(0.1, deadline - time.monotonic())
-            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=wait)
+            conn = keep_alive(socket.create_connection((host.strip("[]"), int(port)), timeout=wait))
             break
         except OSError as error:
             if time.monotonic() >= deadline:
@@ -135,17 +136,25 @@ def join(coordinator: str, index: int, params: dict[str, str], timeout_s: float)
                                   f"within {timeout_s:.0f} s ({error.strerror or error}); start process 0 "
                                   "(distribution.process_id=0) with the same command, or fix the address") from None
             time.sleep(0.2)
-    send(conn, {"process_id": index, "params": params})
-    conn.settimeout(None)  # process 0 answers once all have joined (its own bounded wait)
-    reply, payload = receive(conn)
+    # Process 0 answers once all have joined (its own bounded wait) and its own checks are done.
+    conn.settimeout(2 * timeout_s + 60)
+    try:
+        send(conn, {"process_id": index, "params": params})
+        reply, payload = receive(conn)
+    except socket.timeout:
+        raise ConfigError("distribution.coordinator", f"process 0 at {coordinator} took this process in but did not "
+                          f"answer within {2 * timeout_s + 60:.0f} s: see its output") from None
+    except OSError:
+        reply = None
     if reply is None:
         raise ConfigError("distribution.coordinator", f"process 0 at {coordinator} hung up at start-up: "
                           "see its output")
+    conn.settimeout(None)
     if "error" in reply:
         raise ConfigError(*reply["error"])
     if not reply.get("ok"):
         raise ConfigError("distribution.coordinator", f"process 0 stopped at start-up: {reply.get('failed', reply)}")
-    return keep_alive(conn), payload
+    return conn, payload
 
 
 def turn_away(listener: socket.socket, expected: int, message: dict, window_s: float) -> None:

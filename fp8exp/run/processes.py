@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -25,6 +26,7 @@ from fp8exp.tracking import redact
 log = logging.getLogger(__name__)
 
 NOT_COMPARED = ("distribution.process_id", "distribution.coordinator")  # may differ between processes
+STOPPED_GRACE_S = 60.0  # a peer stopped at a signal: how long this process may take to stop too
 TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
 """A process stopping at a signal (stopping.Interrupted is one: it checkpoints, its run ends
@@ -43,8 +45,9 @@ class Processes:
     peers: dict[int, socket.socket] = field(default_factory=dict)
     """Process 0: a connection per other process; the others: {0: the connection to process 0}."""
     ended: bool = False
-    on_failure: Callable[[int, str], None] | None = None
-    """What another process's failure does here (process 0: end the MLflow run); then this one exits."""
+    on_failure: Callable[[int, str, str], None] | None = None
+    """What another process's failure (index, why, status FAILED or KILLED) does here (process 0:
+    end the MLflow run); then this one exits."""
     watchers: list[threading.Thread] = field(default_factory=list)
     listener: socket.socket | None = None
     """Process 0, from its first checks to the meeting: the coordinator port, taken."""
@@ -139,39 +142,63 @@ def start(processes: Processes, params: dict[str, str], payload: bytes, timeout_
 
 
 def watch(processes: Processes) -> None:
-    """A thread per connection: a process that reports a failure, or whose connection closes
-    before it said it was done, calls `processes.on_failure(index, why)`, then this process exits."""
+    """A thread per connection. A process that reports a failure, or whose connection closes
+    before it said it was done, calls `processes.on_failure(index, why, "FAILED")`, then this
+    process exits. One that stopped at a signal stops this one too, KILLED, unless this one stops
+    by itself within STOPPED_GRACE_S (it may be waiting in a collective the stopped one left)."""
     for index, conn in processes.peers.items():
         def listen(index=index, conn=conn):
             try:
                 message, _ = meeting.receive(conn)
             except (OSError, ValueError):
                 message = None
-            if processes.ended or (message or {}).get("done"):
+            message = message or {}
+            status, why = "FAILED", message.get("failed") or "it exited without a word (killed, out of memory, " \
+                                                              "or its host lost)"
+            if message.get("done"):
+                if not message.get("stopped") or _ends_within(processes, STOPPED_GRACE_S):
+                    return
+                status, why = "KILLED", f"it stopped ({message['stopped']}) and this one had not"
+            if processes.ended:
                 return
-            why = (message or {}).get("failed") or "it exited without a word (killed, out of memory, or its host lost)"
-            if processes.on_failure is not None:
-                processes.on_failure(index, why)
-            exit_for(processes, index, why)
+            try:
+                if processes.on_failure is not None:
+                    processes.on_failure(index, why, status)
+            except BaseException:  # noqa: BLE001  (the exit below must happen: collectives would wait forever)
+                log.exception("could not end the run after process %d of %d: %s", index, processes.count, why)
+            finally:
+                exit_for(processes, index, why, status)
 
         thread = threading.Thread(target=listen, name=f"fp8exp-watch-{index}", daemon=True)
         thread.start()
         processes.watchers.append(thread)
 
 
+def _ends_within(processes: Processes, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not processes.ended and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return processes.ended
+
+
+def settle(processes: Processes) -> None:
+    """A failure here may be a dead peer's doing (a collective that lost it): its watcher gets a
+    moment to notice, name it on the run and exit, before this process reports its own error."""
+    deadline = time.monotonic() + 2.0
+    for thread in processes.watchers:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
 @contextlib.contextmanager
 def reporting(processes: Processes) -> Iterator[None]:
-    """Tell the other processes how this one ended. A failure here may be a dead peer's doing (a
-    collective that lost it): its watcher gets a moment to notice and name it first."""
+    """Tell the other processes how this one ended (after `settle`, for a failure)."""
     try:
         yield
     except BaseException as error:
         if isinstance(error, STOPS):  # this process stopped itself: a peer's own stop is no failure
             processes.ended = True
         elif processes.many and not isinstance(error, ConfigError):
-            deadline = time.monotonic() + 2.0
-            for thread in processes.watchers:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            settle(processes)
         end(processes, error)
         raise
     end(processes)
@@ -191,8 +218,8 @@ def end(processes: Processes, error: BaseException | None = None) -> None:
             pass
 
 
-def exit_for(processes: Processes, index: int, why: str) -> None:
-    """Another process failed: this one cannot go on (its collectives would wait forever)."""
-    print(f"fp8exp: error: {'process 0' if index == 0 else f'process {index}'} of {processes.count} failed: {why}; "
-          f"{processes} stops", file=sys.stderr, flush=True)
-    os._exit(1)
+def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED") -> None:
+    """Another process failed or stopped: this one cannot go on (its collectives would wait forever)."""
+    print(f"fp8exp: error: process {index} of {processes.count} {'failed' if status == 'FAILED' else 'stopped'}: "
+          f"{why}; {processes} stops", file=sys.stderr, flush=True)
+    os._exit(1 if status == "FAILED" else 128 + signal.SIGTERM)

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError, offline_uri, tracking_uri
+from fp8exp.run import processes
 from fp8exp.run.jobs import (
     JOB_FILE,
     JobRecord,
@@ -82,7 +83,7 @@ class SweepCallback(Callback):
         jobs = job_overrides(config)
         composed = validated_jobs(config, jobs) if jobs else []
         launcher = str(config.hydra.runtime.choices.get("hydra/launcher"))
-        if launcher in ("basic", "local_parallel") and any((cfg.distribution.num_processes or 1) > 1 for cfg in composed):
+        if launcher in ("basic", "local_parallel") and any(processes.detect(cfg.distribution).many for cfg in composed):
             # Each process would run the whole sweep, with its own parent run and JAX runtime per job.
             raise ConfigError("distribution.num_processes", f"a sweep whose jobs run over several processes needs a "
                               f"launcher that starts them (hydra/launcher=slurm or submitit_local with "

@@ -11,6 +11,7 @@ artifacts (see redact.py)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,17 +23,13 @@ from omegaconf import DictConfig
 from fp8exp.config import offline_uri
 from fp8exp.tracking import redact
 from fp8exp.tracking.offline import Journal, write_offline
-from fp8exp.tracking.store import local_path
+from fp8exp.tracking.store import is_outage, local_path
 
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
 PARAM_LIMIT = 100  # ... and at most 100 params
-
-# MLflow error codes that mean "this call is wrong", not "the store is away": not retried.
-CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-                 "INVALID_STATE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"}
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -45,15 +42,14 @@ def flatten(config: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: "null" if config is None else str(config)}
 
 
-def is_outage(error: Exception) -> bool:
-    """A failure worth retrying later: the store is unreachable, overloaded or locked."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, MlflowException):
-        return error.error_code not in CLIENT_ERRORS
-    import requests
-
-    return isinstance(error, (OSError, requests.RequestException))
+def _serialized(method):
+    """The journal and the queue change under the run's lock: end_now may be closing the run from
+    another thread (and then writing the journal out)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._store_lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class NullRun:
@@ -129,6 +125,7 @@ class MlflowRun(NullRun):
             self._metrics.extend(entries)
             self.journal.metrics.extend(entries)
 
+    @_serialized
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -140,11 +137,13 @@ class MlflowRun(NullRun):
             self._queue.append(("params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch)))
         self._deliver()
 
+    @_serialized
     def log_text(self, text: str, artifact_file: str) -> None:
         text = redact.text(text)
         self.journal.texts[artifact_file] = text
         self._enqueue(f"text:{artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file))
 
+    @_serialized
     def log_inputs(self, datasets: list) -> None:
         """MLflow DatasetInputs (datasets.dataset_inputs): the Dataset column of the UI."""
         self.journal.inputs.extend(datasets)
@@ -161,17 +160,20 @@ class MlflowRun(NullRun):
         self._queue.append(("inputs", log_inputs))
         self._deliver()
 
+    @_serialized
     def log_artifact(self, path: Path, artifact_dir: str) -> None:
         """Upload the file at `path` (its content when the upload happens: the latest)."""
         self.journal.files[artifact_dir] = str(path)
         self._enqueue(f"file:{artifact_dir}/{Path(path).name}",
                       lambda: self.client.log_artifact(self.run_id, str(path), artifact_dir))
 
+    @_serialized
     def log_artifacts(self, directory: Path, artifact_dir: str) -> None:
         """Upload a directory's files (as they are when the upload happens: keep it until the run closes)."""
         self.journal.files[f"{artifact_dir}/"] = str(directory)
         self._enqueue(f"dir:{artifact_dir}", lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_dir))
 
+    @_serialized
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -184,6 +186,7 @@ class MlflowRun(NullRun):
     def local_artifact_dir(self) -> Path | None:
         return local_path(self.artifact_uri)
 
+    @_serialized
     def call(self, key: str, call: Callable[[], Any]) -> None:
         """Any other store call (a LoggedModel's, say) through the ordered queue: sent after what
         is queued before it, kept and retried while the store is away. Not in the journal: the
@@ -202,10 +205,14 @@ class MlflowRun(NullRun):
                 self.set_tags(tags)
             except Exception as error:  # noqa: BLE001  (rejected: the status must still go)
                 log.error("could not tag run %s: %s", self.run_id, error)
-            self.close(status, cfg.tracking.retry_s, cfg)
+            try:
+                self.close(status, cfg.tracking.retry_s, cfg)
+            except Exception as error:  # noqa: BLE001  (the process exits next, whatever happens)
+                log.error("could not end run %s %s: %s", self.run_id, status, error)
         if self.delivery_note:
             log.warning(self.delivery_note)
 
+    @_serialized
     def flush(self) -> None:
         while self._metrics:
             with self._metrics_lock:
@@ -216,9 +223,8 @@ class MlflowRun(NullRun):
     # -- delivery -------------------------------------------------------------------------
     def _enqueue(self, key: str, call: Callable[[], None]) -> None:
         """Queue a call that replaces a still-queued one with the same key (a re-logged file)."""
-        with self._store_lock:
-            self._queue = [entry for entry in self._queue if entry[0] != key]
-            self._queue.append((key, call))
+        self._queue = [entry for entry in self._queue if entry[0] != key]
+        self._queue.append((key, call))
         self._deliver()
 
     @property
@@ -227,11 +233,9 @@ class MlflowRun(NullRun):
 
     def _deliver(self) -> bool:
         """Send queued calls in order until one fails for an outage; True when all went. Once
-        the run is closed, nothing more goes: a closed run is never changed."""
-        with self._store_lock:
-            return self._closed or self._send_queued()
-
-    def _send_queued(self) -> bool:
+        the run is closed, nothing more goes: a closed run is never changed. Under the lock."""
+        if self._closed:
+            return True
         while self._queue:
             try:
                 self._queue[0][1]()

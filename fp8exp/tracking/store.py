@@ -138,3 +138,19 @@ def ui_command(cfg: DictConfig) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (or: make ui)"
+
+
+# MLflow error codes that mean "this call is wrong", not "the store is away": not retried.
+CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                 "INVALID_STATE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"}
+
+
+def is_outage(error: Exception) -> bool:
+    """A failure worth retrying later: the store is unreachable, overloaded or locked."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code not in CLIENT_ERRORS
+    import requests
+
+    return isinstance(error, (OSError, requests.RequestException))
