@@ -253,13 +253,17 @@ def test_a_batch_that_does_not_split_over_every_device_of_every_process_is_one_l
                         "axis of 2 processes; use a multiple of 4")
 
 
-def test_a_sweep_over_several_processes_without_a_launcher_that_starts_them_is_one_line(tmp_path):
+@pytest.mark.parametrize("settings, cluster", [
+    (["distribution.coordinator=127.0.0.1:1", "distribution.num_processes=2", "distribution.process_id=0"], {}),
+    ([], {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_JOB_ID": "1"})],
+    ids=["set", "detected"])
+def test_a_sweep_over_several_processes_without_a_launcher_that_starts_them_is_one_line(tmp_path, settings, cluster):
     """The basic launcher would run every job in each process: a parent run per process, and JAX's
-    runtime started again for the second job."""
-    result = subprocess.run([sys.executable, "-m", "fp8exp", "-m", *SAME, "trainer.seed=0,1",
-                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                             "distribution.coordinator=127.0.0.1:1", "distribution.num_processes=2",
-                             "distribution.process_id=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    runtime started again for the second job. Processes set in the config or found in the cluster's
+    environment (here submitit's, as SLURM's under `srun python -m fp8exp -m ...`)."""
+    result = subprocess.run([sys.executable, "-m", "fp8exp", "-m", *SAME, "trainer.seed=0,1", *settings,
+                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            cwd=ROOT, env={**os.environ, **cluster}, capture_output=True, text=True, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("fp8exp: error:")]
     assert result.returncode == 2 and errors == [
         "fp8exp: error: distribution.num_processes: a sweep whose jobs run over several processes needs a launcher "

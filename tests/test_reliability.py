@@ -182,6 +182,24 @@ def test_a_nan_loss_names_its_step():
         guard.on_train_batch_end(1, {"loss": float("nan")})
 
 
+def test_a_signal_during_a_due_save_stops_right_after_it_with_that_checkpoint():
+    """One process decides the stop once per step (as several do, from their gathered signals),
+    but a signal that lands while this step's checkpoint is written needs no further step."""
+    stop, saved = stopping.GracefulStop(), []
+
+    def save(model, step):
+        saved.append(step)
+        stop.signum = signal.SIGTERM  # arrives during the write
+        return True
+
+    checkpointer = checkpoint.Checkpointer(2, steps_per_epoch=10, total_steps=10, stop=stop, save=save)
+    checkpointer.set_model(object())
+    checkpointer.on_train_batch_end(0)  # step 1: nothing due
+    with pytest.raises(stopping.Interrupted) as stopped:
+        checkpointer.on_train_batch_end(1)  # step 2: due
+    assert saved == [2] and stopped.value.checkpoint_step == 2
+
+
 def test_a_stop_signal_waits_for_the_step_then_reaches_a_launchers_own_handler():
     """submitit requeues a SLURM job from its SIGUSR2 handler: it still runs, after the checkpoint."""
     seen = []

@@ -166,9 +166,10 @@ def data_share(strategy) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def whole_weights(model: keras.Model) -> Iterator[None]:
-    """For a while, every weight that fsdp or model_parallel split over processes is whole on
-    every device (replicated), so that saving, the FP8 probe and the layer table can read it; the
+def whole_weights(model: keras.Model, host: bool = False) -> Iterator[None]:
+    """For a while, every weight that fsdp or model_parallel split over processes is whole: on
+    every device (replicated) for computations, such as the FP8 probe's; with `host`, as numpy
+    arrays on the host, for reading only (saving: no device then holds the whole model). The
     split values return after. Every process must enter together (a gather); a no-op when no
     weight is split over processes."""
     split = [v for v in model.variables if not checkpoint.held_whole(v.value)]
@@ -180,10 +181,11 @@ def whole_weights(model: keras.Model) -> Iterator[None]:
 
     kept = [v.value for v in split]
     for variable, value in zip(split, kept):
-        host = checkpoint.on_host(value)
-        replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
-        # Keras' assign() would split it again by the variable's layout: set the value itself.
-        variable._value = jax.make_array_from_callback(host.shape, replicated, lambda index, _host=host: _host[index])
+        whole = checkpoint.on_host(value)
+        if not host:
+            replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
+            whole = jax.make_array_from_callback(whole.shape, replicated, lambda index, _whole=whole: _whole[index])
+        variable._value = whole  # Keras' assign() would split it again by the variable's layout
     try:
         yield
     finally:

@@ -207,7 +207,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
             final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
         run.log_metrics(final, step=result.steps)
         if cfg.tracking.get("save_model", True):
-            with distribution.whole_weights(net):  # every process, even those that do not save
+            with distribution.whole_weights(net, host=True):  # every process, even those that do not save
                 if run.run_id:
                     log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/)
 
