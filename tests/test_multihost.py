@@ -38,22 +38,22 @@ def free_port() -> int:
 
 
 def start(store: Path, *overrides: str, devices: int = 2, process_id: int | None = None, port: int | None = None,
-          processes: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
+          processes: int = 2, env: dict[str, str] | None = None, base: list[str] = SAME) -> subprocess.Popen:
     """One `python -m fp8exp` process logging to `store`; with `process_id`, one of `processes`."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1",
            **(env or {})}
     launch = [] if process_id is None else [f"distribution.coordinator=127.0.0.1:{port}",
                                             f"distribution.num_processes={processes}",
                                             f"distribution.process_id={process_id}", "distribution.timeout_s=90"]
-    args = [*SAME, f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"tracking.artifact_root={store / 'artifacts'}",
+    args = [*base, f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"tracking.artifact_root={store / 'artifacts'}",
             f"hydra.run.dir={store / 'hydra' / str(process_id)}", *launch, *overrides]
     return subprocess.Popen([sys.executable, "-m", "fp8exp", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def start_pair(store: Path, *overrides: str) -> list[subprocess.Popen]:
+def start_pair(store: Path, *overrides: str, base: list[str] = SAME) -> list[subprocess.Popen]:
     port = free_port()
-    return [start(store, *overrides, process_id=index, port=port) for index in (0, 1)]
+    return [start(store, *overrides, process_id=index, port=port, base=base) for index in (0, 1)]
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -184,6 +184,30 @@ def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_
 
 
 @pytest.mark.slow
+def test_a_language_model_split_over_two_processes_trains_and_is_saved_by_process_0(tmp_path):
+    """task=causal_lm, llama_tiny, fsdp: both processes build the BPE cache in one shared cache_dir
+    (as on a shared file system), and process 0 saves the CausalLM, which keras-hub compiles anew:
+    with the run's distribution still set, its new optimizer variables were a collective only
+    process 0 entered."""
+    import pandas as pd
+
+    from tests.test_bpe import DOCUMENTS
+
+    table = tmp_path / "reviews.jsonl"
+    pd.DataFrame({"text": DOCUMENTS, "label": [i % 2 for i in range(len(DOCUMENTS))]}).to_json(table, orient="records",
+                                                                                       lines=True)
+    lm = ["data=table", f"data.path={table}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocabulary_size=300",
+          "data.sequence_length=16", "task=causal_lm", "model=llama_tiny", "trainer.epochs=1", "trainer.batch_size=8",
+          "trainer.steps_per_epoch=4", "precision=float8", "distribution=fsdp", "tracking.fp8_whatif=false",
+          "tracking.system_metrics=false"]
+    for code, output in [finish(process) for process in start_pair(tmp_path, base=lm)]:
+        assert code == 0, output[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED" and "test/perplexity" in run.data.metrics
+    assert list(tmp_path.glob("artifacts/models/*/artifacts/artifacts/model.keras"))
+
+
+@pytest.mark.slow
 def test_sigterm_to_every_process_checkpoints_and_ends_the_run_killed_not_failed(tmp_path):
     """A preemption or scancel: fp8exp's signal handlers, not JAX's preemption service, get SIGTERM;
     each process stops at a step boundary and a peer's stop is no failure."""
@@ -198,6 +222,7 @@ def test_sigterm_to_every_process_checkpoints_and_ends_the_run_killed_not_failed
     (run,) = runs(tmp_path)
     assert code == 143, output[-3000:]
     assert run.info.status == "KILLED" and "failure.process" not in run.data.tags
+    assert "killed.process" not in run.data.tags  # each stopped itself: none was stopped by another's stop
     assert int(run.data.tags["checkpoint.step"]) < 1024 // 32  # stopped before the end, with a checkpoint
 
 
@@ -266,9 +291,10 @@ def test_a_sweep_over_several_processes_without_a_launcher_that_starts_them_is_o
                             cwd=ROOT, env={**os.environ, **cluster}, capture_output=True, text=True, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("fp8exp: error:")]
     assert result.returncode == 2 and errors == [
-        "fp8exp: error: distribution.num_processes: a sweep whose jobs run over several processes needs a launcher "
-        "that starts them (hydra/launcher=slurm or submitit_local with hydra.launcher.tasks_per_node), not "
-        "hydra/launcher=basic; or run each job as its own command on every process"], result.stderr[-2000:]
+        "fp8exp: error: distribution.num_processes: a sweep whose jobs run over several processes (set, or the "
+        "cluster's tasks) needs a launcher that starts them (hydra/launcher=slurm or submitit_local with "
+        "hydra.launcher.tasks_per_node), not hydra/launcher=basic; or run each job as its own command on every "
+        "process, or set distribution.num_processes=1"], result.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -89,13 +89,16 @@ def on_host(value) -> np.ndarray:
 
 def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: str) -> TrainingState:
     """The whole training state at optimizer step `step`. `model` must be synced (a callback's
-    `self.model` is)."""
+    `self.model` is). On processes other than 0 (which write nothing) it holds no variables."""
     arrays, paths, dtypes = {}, {}, {}
     for name, variables in _variables(model).items():
         paths[name] = [v.path for v in variables]
         for index, variable in enumerate(variables):
             key = f"{name}/{index:05d}"
-            arrays[key], dtype = _plain(on_host(variable.value))
+            whole = on_host(variable.value)  # every process takes part in a gather...
+            if jax.process_index() > 0:
+                continue  # ...and process 0 alone writes: the others keep no copy
+            arrays[key], dtype = _plain(whole)
             if dtype:
                 dtypes[key] = dtype
     numpy_rng = np.random.get_state()

@@ -182,6 +182,8 @@ def whole_weights(model: keras.Model, host: bool = False) -> Iterator[None]:
     kept = [v.value for v in split]
     for variable, value in zip(split, kept):
         whole = checkpoint.on_host(value)
+        if host and jax.process_index() > 0:
+            continue  # it took part in the gather; process 0 alone saves
         if not host:
             replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
             whole = jax.make_array_from_callback(whole.shape, replicated, lambda index, _whole=whole: _whole[index])

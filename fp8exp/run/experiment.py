@@ -123,6 +123,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                      checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead) as run:
         staging = Path(staging_dir)
         here.on_failure = functools.partial(end_for_peer, run, cfg, here.count)
+        here.stopping = lambda: stop.requested
         try:
             if resume is None:
                 run.log_metrics({"model/params": net.count_params() - state_size(net), **splits.metrics()})
@@ -187,29 +188,30 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
             with stop.deferred():  # until training ends: the Checkpointer acts on signals at step boundaries
                 result = train.fit_and_evaluate(net, splits, cfg.trainer, callbacks, start_step=start_step,
                                                 to_inputs=to_inputs)
+            final = tasks.final_metrics(cfg, result.test)
+            disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps,
+                         *step_logger.disturbed]
+            final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
+                                            disturbed_steps=disturbed))
+            if isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer):
+                # Dynamic loss scaling: steps whose float16 gradients overflowed were skipped, not fatal.
+                final["train/loss_scale"] = float(keras.ops.convert_to_numpy(net.optimizer.dynamic_scale))
+                applied = int(keras.ops.convert_to_numpy(net.optimizer.inner_optimizer.iterations))
+                final["train/skipped_steps"] = float(result.steps - applied)
+            if cfg.precision.name == "float8":
+                final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
+            run.log_metrics(final, step=result.steps)
+            if cfg.tracking.get("save_model", True):
+                with distribution.whole_weights(net, host=True):  # every process, even those that do not save
+                    if run.run_id:
+                        log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/)
+            here.solo = True  # no collective is left: the others may end as they like
         except stopping.Interrupted as interrupted:
             interrupted.run_id = run.run_id
             raise
         except Exception:
             processes.settle(here)  # before the run closes: a dead peer's watcher names it on the run
             raise
-        final = tasks.final_metrics(cfg, result.test)
-        disturbed = [*(fp8_logger.logged_steps if fp8_logger else ()), *checkpointer.saved_steps,
-                     *step_logger.disturbed]
-        final.update(train.perf_metrics(result, cfg.trainer.batch_size, splits.sequence_length,
-                                        disturbed_steps=disturbed))
-        if isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer):
-            # Dynamic loss scaling: steps whose float16 gradients overflowed were skipped, not fatal.
-            final["train/loss_scale"] = float(keras.ops.convert_to_numpy(net.optimizer.dynamic_scale))
-            applied = int(keras.ops.convert_to_numpy(net.optimizer.inner_optimizer.iterations))
-            final["train/skipped_steps"] = float(result.steps - applied)
-        if cfg.precision.name == "float8":
-            final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
-        run.log_metrics(final, step=result.steps)
-        if cfg.tracking.get("save_model", True):
-            with distribution.whole_weights(net, host=True):  # every process, even those that do not save
-                if run.run_id:
-                    log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/)
 
     here.on_failure = None  # the run has ended: a peer failing from now on cannot change it
     outcome = Outcome(run.run_id, name, final, run.delivery_note)

@@ -112,9 +112,13 @@ def lead(listener: socket.socket, coordinator: str, count: int, params: dict[str
                     send(other, {"error": problem})
                 raise ConfigError(*problem)
             peers[index] = keep_alive(conn)
-        for conn in peers.values():
+        for index, conn in peers.items():
             conn.settimeout(None)
-            send(conn, {"ok": True}, payload)
+            try:
+                send(conn, {"ok": True}, payload)
+            except OSError as error:
+                raise ConfigError("distribution.coordinator", f"process {index} left the start-up meeting at "
+                                  f"{coordinator} before it ended ({error.strerror or error}): see its output") from None
     finally:
         listener.close()  # the port goes to JAX's coordination service
     return peers
@@ -142,8 +146,9 @@ def join(coordinator: str, index: int, params: dict[str, str], timeout_s: float)
         send(conn, {"process_id": index, "params": params})
         reply, payload = receive(conn)
     except socket.timeout:
-        raise ConfigError("distribution.coordinator", f"process 0 at {coordinator} took this process in but did not "
-                          f"answer within {2 * timeout_s + 60:.0f} s: see its output") from None
+        raise ConfigError("distribution.coordinator", f"process 0 at {coordinator} did not answer within "
+                          f"{2 * timeout_s + 60:.0f} s of this process connecting (still checking, or waiting for "
+                          "the others): see its output") from None
     except OSError:
         reply = None
     if reply is None:

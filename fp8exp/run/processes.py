@@ -51,6 +51,10 @@ class Processes:
     watchers: list[threading.Thread] = field(default_factory=list)
     listener: socket.socket | None = None
     """Process 0, from its first checks to the meeting: the coordinator port, taken."""
+    stopping: Callable[[], bool] = lambda: False
+    """Whether this process is stopping at a signal itself (then a peer's stop waits for it)."""
+    solo: bool = False
+    """Past its last collective: another process's failure or stop can no longer leave it waiting."""
 
     @property
     def lead(self) -> bool:
@@ -159,7 +163,7 @@ def watch(processes: Processes) -> None:
                 if not message.get("stopped") or _ends_within(processes, STOPPED_GRACE_S):
                     return
                 status, why = "KILLED", f"it stopped ({message['stopped']}) and this one had not"
-            if processes.ended:
+            if processes.ended or processes.solo:
                 return
             try:
                 if processes.on_failure is not None:
@@ -175,18 +179,22 @@ def watch(processes: Processes) -> None:
 
 
 def _ends_within(processes: Processes, seconds: float) -> bool:
+    """Does this process end (or pass its last collective) within `seconds`, or at all while it
+    is stopping at a signal itself (writing its checkpoint, closing the run)?"""
     deadline = time.monotonic() + seconds
-    while not processes.ended and time.monotonic() < deadline:
+    while not (processes.ended or processes.solo) and (time.monotonic() < deadline or processes.stopping()):
         time.sleep(0.2)
-    return processes.ended
+    return processes.ended or processes.solo
 
 
 def settle(processes: Processes) -> None:
     """A failure here may be a dead peer's doing (a collective that lost it): its watcher gets a
-    moment to notice, name it on the run and exit, before this process reports its own error."""
+    moment to notice, name it on the run and exit, before this process reports its own error.
+    Later word from the others (the same failure, reached by all) no longer stops this one."""
     deadline = time.monotonic() + 2.0
     for thread in processes.watchers:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    processes.ended = True
 
 
 @contextlib.contextmanager
@@ -197,7 +205,7 @@ def reporting(processes: Processes) -> Iterator[None]:
     except BaseException as error:
         if isinstance(error, STOPS):  # this process stopped itself: a peer's own stop is no failure
             processes.ended = True
-        elif processes.many and not isinstance(error, ConfigError):
+        elif processes.many and not processes.ended and not isinstance(error, ConfigError):
             settle(processes)
         end(processes, error)
         raise

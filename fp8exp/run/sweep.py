@@ -85,10 +85,11 @@ class SweepCallback(Callback):
         launcher = str(config.hydra.runtime.choices.get("hydra/launcher"))
         if launcher in ("basic", "local_parallel") and any(processes.detect(cfg.distribution).many for cfg in composed):
             # Each process would run the whole sweep, with its own parent run and JAX runtime per job.
-            raise ConfigError("distribution.num_processes", f"a sweep whose jobs run over several processes needs a "
-                              f"launcher that starts them (hydra/launcher=slurm or submitit_local with "
-                              f"hydra.launcher.tasks_per_node), not hydra/launcher={launcher}; or run each job as "
-                              "its own command on every process")
+            raise ConfigError("distribution.num_processes", f"a sweep whose jobs run over several processes (set, or "
+                              f"the cluster's tasks) needs a launcher that starts them (hydra/launcher=slurm or "
+                              f"submitit_local with hydra.launcher.tasks_per_node), not hydra/launcher={launcher}; "
+                              "or run each job as its own command on every process, or set "
+                              "distribution.num_processes=1")
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:  # claimed atomically: two sweeps started in the same second must not share children

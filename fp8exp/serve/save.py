@@ -29,11 +29,18 @@ def save_keras(net, path: Path) -> None:
     import keras
     import keras_hub
 
-    if isinstance(net, keras_hub.models.CausalLM):
-        type(net)(backbone=net.backbone, preprocessor=None).save(path)
-        return
-    inputs = net.input if isinstance(net.input, dict) else net.inputs  # a family's {"token_ids", "padding_mask"}
-    keras.Model(inputs, net.outputs, name=net.name).save(path)
+    # Built with no distribution: a multi-process one would make the copy's new variables (a
+    # compiled CausalLM's optimizer) a collective that only the saving process enters.
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        if isinstance(net, keras_hub.models.CausalLM):
+            type(net)(backbone=net.backbone, preprocessor=None).save(path)
+            return
+        inputs = net.input if isinstance(net.input, dict) else net.inputs  # a family's {"token_ids", "padding_mask"}
+        keras.Model(inputs, net.outputs, name=net.name).save(path)
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def pip_requirements() -> list[str]:
@@ -165,7 +172,7 @@ def log_model(run, net, splits, cfg, staging: Path) -> str | None:
         raise
     # Lost for good, the server's part of the run goes to the offline store from the journal: the
     # model with it, as the plain artifact model/ (the LoggedModel stays PENDING on the server).
-    run.journal.files[f"{ARTIFACT_PATH}/"] = str(directory)
+    run.keep_for_offline(directory, ARTIFACT_PATH)
     # Which LoggedModel to close at sync if the run ends up offline before it is READY.
     run.set_tags({MODEL_ID_TAG: model_id})
     uploaded = [local is not None]

@@ -12,12 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from fp8exp.config import offline_uri, tracking_uri
 from fp8exp.tracking import redact
 from fp8exp.tracking.offline import Journal
-from fp8exp.tracking.run import MlflowRun, NullRun, flatten
+from fp8exp.tracking.run import KILLED_RETRY_S, MlflowRun, NullRun, flatten
 from fp8exp.tracking.store import create_run, fast_failing_http
 
 log = logging.getLogger(__name__)
-
-KILLED_RETRY_S = 5.0  # after SIGTERM the scheduler's grace period is short
 
 
 @contextlib.contextmanager

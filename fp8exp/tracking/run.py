@@ -28,8 +28,8 @@ from fp8exp.tracking.store import is_outage, local_path
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
-
 PARAM_LIMIT = 100  # ... and at most 100 params
+KILLED_RETRY_S = 5.0  # after SIGTERM the scheduler's grace period is short
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -174,6 +174,11 @@ class MlflowRun(NullRun):
         self._enqueue(f"dir:{artifact_dir}", lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_dir))
 
     @_serialized
+    def keep_for_offline(self, directory: Path, artifact_dir: str) -> None:
+        """Files delivered some other way (a LoggedModel's), in the journal for an offline copy."""
+        self.journal.files[f"{artifact_dir}/"] = str(directory)
+
+    @_serialized
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -206,7 +211,8 @@ class MlflowRun(NullRun):
             except Exception as error:  # noqa: BLE001  (rejected: the status must still go)
                 log.error("could not tag run %s: %s", self.run_id, error)
             try:
-                self.close(status, cfg.tracking.retry_s, cfg)
+                self.close(status, cfg.tracking.retry_s if status != "KILLED" else
+                           min(cfg.tracking.retry_s, KILLED_RETRY_S), cfg)
             except Exception as error:  # noqa: BLE001  (the process exits next, whatever happens)
                 log.error("could not end run %s %s: %s", self.run_id, status, error)
         if self.delivery_note:
