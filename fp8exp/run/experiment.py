@@ -222,10 +222,9 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
 def end_for_peer(run, cfg: DictConfig, count: int, index: int, why: str, status: str) -> None:
     """Process 0's run, when process `index` failed (FAILED, `failure.*`) or stopped at a signal
     that left this one waiting (KILLED, `killed.*`)."""
-    key, verb = ("failure", "failed") if status == "FAILED" else ("killed", "stopped")
-    run.end_now(status, {f"{key}.process": str(index),
-                         f"{key}.{'error' if status == 'FAILED' else 'reason'}": f"process {index} of {count} {verb}: "
-                                                                                 f"{why}"[:1000]}, cfg)
+    key, what = ("failure", "error") if status == "FAILED" else ("killed", "reason")
+    run.end_now(status, {f"{key}.process": str(index), f"{key}.{what}": f"process {index} of {count} "
+                         f"{processes.VERBS[status]}: {why}"[:1000]}, cfg)
 
 
 def recipe_tags(cfg: DictConfig, net) -> dict[str, str]:

@@ -15,18 +15,19 @@ import time
 from fp8exp.config import ConfigError
 
 
-KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # macOS: TCP_KEEPALIVE is the idle time
+KEEPALIVE = (10, 5, 3)
 """The connections stay open through training, as processes.watch's: TCP keepalive probes (after
 10 s of silence, every 5 s, 3 unanswered) notice in ~25 s a host that died without closing them
 (power, network), where a plain read would wait forever."""
+_KEEPALIVE_OPTIONS = (getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None)),  # Linux, macOS
+                      getattr(socket, "TCP_KEEPINTVL", None), getattr(socket, "TCP_KEEPCNT", None))
 
 
 def keep_alive(conn: socket.socket) -> socket.socket:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in KEEPALIVE.items():
-        option = option if hasattr(socket, option) or option != "TCP_KEEPIDLE" else "TCP_KEEPALIVE"
-        if hasattr(socket, option):
-            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    for option, value in zip(_KEEPALIVE_OPTIONS, KEEPALIVE):
+        if option is not None:
+            conn.setsockopt(socket.IPPROTO_TCP, option, value)
     return conn
 
 
@@ -140,14 +141,14 @@ def join(coordinator: str, index: int, params: dict[str, str], timeout_s: float)
                                   f"within {timeout_s:.0f} s ({error.strerror or error}); start process 0 "
                                   "(distribution.process_id=0) with the same command, or fix the address") from None
             time.sleep(0.2)
-    # Process 0 answers once all have joined (its own bounded wait) and its own checks are done.
-    conn.settimeout(2 * timeout_s + 60)
+    answer_s = 2 * timeout_s + 60  # process 0 answers once all have joined (its own bounded wait) and its checks ran
+    conn.settimeout(answer_s)
     try:
         send(conn, {"process_id": index, "params": params})
         reply, payload = receive(conn)
     except socket.timeout:
         raise ConfigError("distribution.coordinator", f"process 0 at {coordinator} did not answer within "
-                          f"{2 * timeout_s + 60:.0f} s of this process connecting (still checking, or waiting for "
+                          f"{answer_s:.0f} s of this process connecting (still checking, or waiting for "
                           "the others): see its output") from None
     except OSError:
         reply = None

@@ -26,6 +26,7 @@ from fp8exp.tracking import redact
 log = logging.getLogger(__name__)
 
 NOT_COMPARED = ("distribution.process_id", "distribution.coordinator")  # may differ between processes
+VERBS = {"FAILED": "failed", "KILLED": "stopped"}  # what another process did, by the status it gives the run
 STOPPED_GRACE_S = 60.0  # a peer stopped at a signal: how long this process may take to stop too
 TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
@@ -228,6 +229,6 @@ def end(processes: Processes, error: BaseException | None = None) -> None:
 
 def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED") -> None:
     """Another process failed or stopped: this one cannot go on (its collectives would wait forever)."""
-    print(f"fp8exp: error: process {index} of {processes.count} {'failed' if status == 'FAILED' else 'stopped'}: "
-          f"{why}; {processes} stops", file=sys.stderr, flush=True)
+    print(f"fp8exp: error: process {index} of {processes.count} {VERBS[status]}: {why}; {processes} stops",
+          file=sys.stderr, flush=True)
     os._exit(1 if status == "FAILED" else 128 + signal.SIGTERM)
