@@ -97,7 +97,7 @@ class Story:
 @pytest.fixture(scope="module")
 def story(tmp_path_factory) -> Story:
     store, reference = tmp_path_factory.mktemp("pair"), tmp_path_factory.mktemp("single")
-    alone = start(reference, devices=4)
+    alone = start(reference, "tracking.fp8_probe=true", "tracking.fp8_log_every=3", devices=4)  # probes: fsdp's reference
     first, second = start_pair(store)
     deadline = time.monotonic() + 240
     while not list(store.glob("artifacts/*/artifacts/checkpoints/last.npz")) and time.monotonic() < deadline:
@@ -144,12 +144,16 @@ def test_two_processes_killed_and_resumed_reach_the_weights_of_one_process_with_
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
-def loss_curve(store: Path) -> list[float]:
+def history(store: Path, key: str = "train/loss_step") -> dict[int, float]:
+    """{step: value} of the store's one run's metric `key`."""
     from mlflow.tracking import MlflowClient
 
     (run,) = runs(store)
-    history = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss_step")
-    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+    return {m.step: m.value for m in MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(run.info.run_id, key)}
+
+
+def loss_curve(store: Path) -> list[float]:
+    return [value for _, value in sorted(history(store).items())]
 
 
 def last_checkpoint(store: Path):
@@ -162,8 +166,9 @@ def last_checkpoint(store: Path):
 @pytest.mark.slow
 def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_checkpoints_whole(story, tmp_path):
     """Weights and Adam moments split over both processes' devices: the loss curve and final weights
-    are those of one process replicating the model; the checkpoint, the saved model and the FP8 probe
-    (at every log point) read the weights whole, gathered from both processes."""
+    are those of one process replicating the model; the checkpoint and the saved model read the
+    weights whole, gathered from both processes; the FP8 probe computes with them split (no device
+    holds the whole model) and measures at every log point what the replicated run measures."""
     results = [finish(process) for process in start_pair(tmp_path, "distribution=fsdp", "tracking.fp8_probe=true",
                                                          "tracking.fp8_log_every=3")]  # gathered mid-run too
     for code, output in results:
@@ -178,17 +183,28 @@ def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_
     assert split.step == replicated.step == 4 and split.arrays.keys() == replicated.arrays.keys()
     for key in (key for key in split.arrays if key.startswith(("trainable/", "optimizer/"))):
         np.testing.assert_allclose(split.arrays[key], replicated.arrays[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    assert any(key.endswith("/kernel_sqnr_db") for key in run.data.metrics)
+    probed = [key for key in run.data.metrics if key.startswith("fp8/") and key.endswith("_sqnr_db")]
+    assert {key.rpartition("/")[2] for key in probed} >= {"inputs_sqnr_db", "kernel_sqnr_db", "outputs_grad_sqnr_db"}
+    for key in probed:  # at steps 3, 6 and the end, 8
+        mine, theirs = history(tmp_path, key), history(story.reference, key)
+        assert sorted(mine) == sorted(theirs) == [3, 6, 8], key
+        # Kernels (gathered one at a time) and the first layer's inputs are the replicated run's; deeper
+        # activations and gradients come from matmuls split another way (the probe computes with the
+        # split weights), and FP8 rounding of their few thousand elements amplifies the last bits.
+        exact = "/kernel_" in key or "/query/inputs" in key
+        np.testing.assert_allclose([mine[s] for s in sorted(mine)], [theirs[s] for s in sorted(theirs)],
+                                   rtol=1e-4 if exact else 0, atol=0 if exact else 1.5, err_msg=key)
     (layers,) = tmp_path.glob("artifacts/*/artifacts/fp8/layers.md")
     assert "| sharded (None, None, 'batch') |" in layers.read_text()  # as the weights lay while training, not gathered
 
 
 @pytest.mark.slow
-def test_a_language_model_split_over_two_processes_trains_and_is_saved_by_process_0(tmp_path):
-    """task=causal_lm, llama_tiny, fsdp: both processes build the BPE cache in one shared cache_dir
-    (as on a shared file system), and process 0 saves the CausalLM, which keras-hub compiles anew:
-    with the run's distribution still set, its new optimizer variables were a collective only
-    process 0 entered."""
+def test_a_language_model_split_over_two_processes_trains_probes_and_is_saved_by_process_0(tmp_path):
+    """task=causal_lm, llama_tiny, model_parallel with the model axis across both processes (mesh
+    [1, 4]): both processes build the BPE cache in one shared cache_dir (as on a shared file
+    system); the FP8 probe measures with the kernels split; process 0 saves the CausalLM, which
+    keras-hub compiles anew: with the run's distribution still set, its new optimizer variables
+    were a collective only process 0 entered."""
     import pandas as pd
 
     from tests.test_bpe import DOCUMENTS
@@ -197,13 +213,18 @@ def test_a_language_model_split_over_two_processes_trains_and_is_saved_by_proces
     pd.DataFrame({"text": DOCUMENTS, "label": [i % 2 for i in range(len(DOCUMENTS))]}).to_json(table, orient="records",
                                                                                        lines=True)
     lm = ["data=table", f"data.path={table}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocabulary_size=300",
-          "data.sequence_length=16", "task=causal_lm", "model=llama_tiny", "trainer.epochs=1", "trainer.batch_size=8",
-          "trainer.steps_per_epoch=4", "precision=float8", "distribution=fsdp", "tracking.fp8_whatif=false",
+          "data.sequence_length=16", "task=causal_lm", "model=llama_tiny", "model.num_key_value_heads=4",
+          "trainer.epochs=1", "trainer.batch_size=8", "trainer.steps_per_epoch=4", "precision=float8",
+          "distribution=model_parallel", "distribution.mesh_shape=[1,4]", "tracking.fp8_whatif=false",
           "tracking.system_metrics=false"]
     for code, output in [finish(process) for process in start_pair(tmp_path, base=lm)]:
         assert code == 0, output[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and "test/perplexity" in run.data.metrics
+    probed = {key.rpartition("/")[2] for key in run.data.metrics if key.startswith("fp8/")}
+    assert {"inputs_sqnr_db", "kernel_sqnr_db", "outputs_grad_sqnr_db"} <= probed
+    (layers,) = tmp_path.glob("artifacts/*/artifacts/fp8/layers.md")
+    assert "| sharded (None, 'model') |" in layers.read_text()  # the feed-forward kernels, across processes
     assert list(tmp_path.glob("artifacts/models/*/artifacts/artifacts/model.keras"))
 
 
@@ -361,6 +382,28 @@ def test_the_meeting_hands_out_the_payload_over_connections_kept_alive_for_the_w
         conn.close()
 
 
+def test_a_process_0_that_never_answers_is_one_line_after_a_bounded_wait(monkeypatch):
+    """Process 0 accepted the connection, then hangs (stuck in its checks, or waiting for a
+    process that never comes): the others stop after 2 x timeout_s + ANSWER_MARGIN_S, naming it."""
+    import threading
+
+    from fp8exp.config import ConfigError
+    from fp8exp.run import meeting
+
+    monkeypatch.setattr(meeting, "ANSWER_MARGIN_S", 0.5)
+    coordinator = f"127.0.0.1:{free_port()}"
+    listener, held = meeting.listen(coordinator), []
+    silent = threading.Thread(target=lambda: held.append(listener.accept()[0]))  # reads nothing, answers nothing
+    silent.start()
+    with pytest.raises(ConfigError) as error:
+        meeting.join(coordinator, 1, {"seed": "0"}, 0.5)
+    silent.join()
+    held[0].close()
+    listener.close()
+    assert str(error.value) == (f"distribution.coordinator: process 0 at {coordinator} did not answer within 2 s of "
+                                "this process connecting (still checking, or waiting for the others): see its output")
+
+
 WATCHED = """
 import socket, sys, time
 from fp8exp.run import meeting, processes
@@ -393,6 +436,37 @@ def test_a_process_left_waiting_by_its_peer_ends_its_run_and_exits_even_if_the_r
     assert result.returncode == code, result.stderr[-2000:]
     assert f"run ended {status}" in result.stderr and "could not end the run after process 1 of 2" in result.stderr
     assert f"fp8exp: error: {line}; process 0 of 2 stops" in result.stderr
+
+
+SAME_ERROR = """
+import socket, sys, time
+from fp8exp.config import ConfigError
+from fp8exp.run import meeting, processes
+mine, theirs = socket.socketpair()
+here = processes.Processes(1, 2, "127.0.0.1:1", peers={0: mine})
+processes.SAME_ERROR_GRACE_S = 2.0
+processes.watch(here)
+error = ConfigError("trainer.batch_size", "30 does not split evenly")
+meeting.send(theirs, processes._failure(error))  # process 0 reached the check first
+time.sleep(float(sys.argv[1]))  # this one reaches it after this long
+processes.end(here, error)
+print("fp8exp: error:", error, file=sys.stderr)
+sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("late_s, code, line", [
+    (0.5, 2, "fp8exp: error: trainer.batch_size: 30 does not split evenly"),
+    (30, 1, "fp8exp: error: process 0 of 2 failed: ConfigError: trainer.batch_size: 30 does not split evenly; "
+            "process 1 of 2 stops")])
+def test_a_config_error_of_every_process_is_each_ones_own_line_unless_one_is_late(late_s, code, line):
+    """After the meeting all processes check the same settings: the one that reaches a config error
+    a moment after a peer reports its own (and exits normally, with JAX's shutdown, not cut off by
+    its watcher); one that does not reach it within SAME_ERROR_GRACE_S exits naming the peer."""
+    result = subprocess.run([sys.executable, "-c", SAME_ERROR, str(late_s)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == line
 
 
 def test_a_large_checkpoint_arrives_whole_through_the_start_up_connection():

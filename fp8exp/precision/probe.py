@@ -13,6 +13,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from fp8exp.precision.readback import on_host
 from fp8exp.precision.recipes.layers import is_recipe_layer
 from fp8exp.precision.scales import fp8_layer_paths, scale_variables
 from fp8exp.precision.whatif import STATS, TENSORS, WhatIf
@@ -136,13 +137,24 @@ class Probe:
         if self._compiled is None:
             jax.eval_shape(lambda *a: self._pass({}, *a), *variables, self.batch, self.labels)  # fills _shapes
             self._taps = {path: np.zeros(shape, np.float32) for path, shape in self._shapes.items()}
-            self._compiled = jax.jit(jax.grad(self._pass, has_aux=True)) if self.labels is not None else \
-                jax.jit(lambda taps, *a: (taps, self._pass(taps, *a)[1]))
+            gradients = jax.grad(self._pass, has_aux=True) if self.labels is not None else \
+                (lambda taps, *a: (taps, self._pass(taps, *a)[1]))
+            self._compiled = jax.jit(gradients, **self._replicated(variables[0]))
         grads, inputs = self._compiled(self._taps, *variables, self.batch, self.labels)
         self.captures = {path: Capture(np.asarray(x, np.float32), self._shapes[path]) for path, x in inputs.items()}
         self.output_grads = {path: np.asarray(g, np.float32) for path, g in grads.items()} \
             if self.labels is not None else {}
         return self.captures
+
+    @staticmethod
+    def _replicated(values) -> dict:
+        """Weights on a mesh (a distribution; split, they stay split): the pass returns what it
+        captured on every device, small next to the weights, so every process reads it whole."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        sharding = next((getattr(v, "sharding", None) for v in values), None)
+        return {"out_shardings": NamedSharding(sharding.mesh, PartitionSpec())} \
+            if isinstance(sharding, NamedSharding) else {}
 
     def metrics(self) -> dict[str, float]:
         """`fp8/<layer>/<tensor>_{saturation,underflow,sqnr_db}` for the current state: inputs,
@@ -154,7 +166,7 @@ class Probe:
             if entry.tensor == "inputs":
                 values = captures[entry.layer].inputs
             elif entry.tensor == "kernel":
-                values = keras.ops.convert_to_numpy(by_path[entry.layer].kernel)
+                values = on_host(by_path[entry.layer].kernel)  # one kernel at a time, gathered if split
             elif entry.layer in self.output_grads:
                 values = self.output_grads[entry.layer]
             else:
@@ -180,7 +192,7 @@ class Probe:
                 self._recipes[recipe] = WhatIf(recipe, names=(recipe.name,), max_rows=None)  # every row
             measure = self._recipes[recipe]
             for layer, tensors in measure.table(self.model, captures, self.output_grads).items():
-                sizes = {"inputs": np.size(captures[layer].inputs), "kernel": np.size(by_path[layer].kernel),
+                sizes = {"inputs": np.size(captures[layer].inputs), "kernel": math.prod(by_path[layer].kernel.shape),
                          "outputs_grad": np.size(self.output_grads.get(layer, ()))}
                 for tensor in (t for t in TENSORS if t in tensors):
                     self.sizes[f"{layer}/{tensor}"] = int(sizes[tensor])

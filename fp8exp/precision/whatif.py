@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from fp8exp.precision.readback import on_host
 from fp8exp.precision.recipes import formats
 from fp8exp.precision.recipes.matmul import RECORD_TENSORS, einsum_layout
 from fp8exp.precision.recipes.nvfp4 import BLOCK, dequantize_nvfp4, quantize_nvfp4
@@ -195,7 +196,7 @@ class WhatIf:
         for path, capture in captures.items():
             layer = by_path[path]
             try:
-                operands[path] = layer_operands(layer, capture.inputs, keras.ops.convert_to_numpy(layer.kernel),
+                operands[path] = layer_operands(layer, capture.inputs, on_host(layer.kernel),
                                                 output_grads.get(path))
             except ValueError as error:
                 self.skipped[path] = str(error)

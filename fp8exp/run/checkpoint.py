@@ -31,6 +31,7 @@ import jax
 import keras
 import numpy as np
 
+from fp8exp.precision.readback import on_host
 from fp8exp.run.stopping import Interrupted
 from fp8exp.tracking.callbacks import StepCallback
 
@@ -70,21 +71,6 @@ def _plain(array: np.ndarray) -> tuple[np.ndarray, str | None]:
     if array.dtype.kind == "V" or array.dtype.name in ("bfloat16",) or array.dtype.name.startswith("float8"):
         return array.view(np.dtype(f"uint{8 * array.dtype.itemsize}")), array.dtype.name
     return array, None
-
-
-def held_whole(value) -> bool:
-    """Does this process hold all of `value` (one process, or replicated over processes)?"""
-    return getattr(value, "is_fully_addressable", True) or getattr(value, "is_fully_replicated", False)
-
-
-def on_host(value) -> np.ndarray:
-    """A variable's whole value. Sharded over several processes, it is gathered (a collective:
-    every process captures, process 0 writes); replicated, this process's copy is whole."""
-    if held_whole(value):
-        return np.asarray(keras.ops.convert_to_numpy(value))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
 def capture(model: keras.Model, step: int, steps_per_epoch: int, config_hash: str) -> TrainingState:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from fp8exp.config import ConfigError
 from fp8exp.config.distribution import check_processes_fit
+from fp8exp.precision.readback import held_whole, on_host
 from fp8exp.precision.scales import is_fp8_state
 from fp8exp.run import checkpoint, processes
 from fp8exp.run.resume import Resume, logged_params
@@ -165,33 +166,20 @@ def data_share(strategy) -> tuple[int, int]:
     return mine[0] // held, len(rows) // held
 
 
-def _same(value):
-    return value  # jitted with a replicated out_sharding: a gather on the devices (one compile per shape)
-
-
 @contextlib.contextmanager
-def whole_weights(model: keras.Model, host: bool = False) -> Iterator[None]:
-    """For a while, every weight that fsdp or model_parallel split over processes is whole: on
-    every device (replicated) for computations, such as the FP8 probe's; with `host`, as numpy
-    arrays on the host, for reading only (saving: no device then holds the whole model). The
-    split values return after. Every process must enter together (a gather); a no-op when no
-    weight is split over processes."""
-    split = [v for v in model.variables if not checkpoint.held_whole(v.value)]
-    if not split:
-        yield
-        return
+def whole_weights(model: keras.Model) -> Iterator[None]:
+    """For a save, every weight that fsdp or model_parallel split over processes is whole, as
+    numpy on the host (read only: no device holds the whole model); process 0 alone keeps the
+    copies, as it alone saves. The split values return after. Every process must enter together
+    (a gather per weight); a no-op when no weight is split over processes."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
+    split = [v for v in model.variables if not held_whole(v.value)]
     kept = [v.value for v in split]
     for variable, value in zip(split, kept):
-        if host:
-            whole = checkpoint.on_host(value)
-            if jax.process_index() > 0:
-                continue  # it took part in the gather; process 0 alone saves
-        else:  # gathered device to device, not through the host
-            whole = jax.jit(_same, out_shardings=NamedSharding(value.sharding.mesh, PartitionSpec()))(value)
-        variable._value = whole  # Keras' assign() would split it again by the variable's layout
+        whole = on_host(value)
+        if jax.process_index() == 0:
+            variable._value = whole  # Keras' assign() would split it again by the variable's layout
     try:
         yield
     finally:

@@ -3,7 +3,6 @@ train; tracking watches through callbacks and a run context."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import tempfile
@@ -175,9 +174,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                     if whatif is not None:  # after the probe's pass: its captures are this step's
                         run.log_text(to_csv(whatif.measure(net, probe, step)), f"fp8/whatif/step_{step}.csv")
 
-                # The probe (and what-if) read the kernels: split over processes, whole for the log point.
-                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe, around=functools.partial(
-                    distribution.whole_weights, net) if probe else contextlib.nullcontext)
+                fp8_logger = Fp8StateLogger(cfg.tracking.fp8_log_every, fp8_sink, probe)
                 # Logged before the interruption, the next log point follows from it; a run with
                 # nothing left to train logs its final state at the end, unless it was a log point.
                 if start_step and (not trained_out or start_step % cfg.tracking.fp8_log_every == 0):
@@ -202,7 +199,7 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
                 final.update(report_fp8(run, net, splits, cfg, fp8_logger, to_inputs, staging, whatif))
             run.log_metrics(final, step=result.steps)
             if cfg.tracking.get("save_model", True):
-                with distribution.whole_weights(net, host=True):  # every process, even those that do not save
+                with distribution.whole_weights(net):  # every process, even those that do not save
                     if run.run_id:
                         log_model(run, net, splits, cfg, staging)  # LoggedModel `model` (else artifact model/)
             here.solo = True  # no collective is left: the others may end as they like
@@ -249,12 +246,11 @@ def report_fp8(run, net, splits, cfg: DictConfig, logger, to_inputs=train.as_the
                                 *policy.recipe_notes(applied)]) + "\n", "fp8/recipe.txt")
     if logger is not None and logger.probe is not None:
         if not logger.probe.captures:  # resumed at its last step, which was a log point: measure now
-            with distribution.whole_weights(net):  # every process enters
-                started = time.perf_counter()
-                logger.probe_metrics = logger.probe.metrics()
-                logger.probe_seconds += time.perf_counter() - started
-                if whatif is not None:
-                    whatif.measure(net, logger.probe, logger.logged_steps[-1] if logger.logged_steps else logger.step)
+            started = time.perf_counter()
+            logger.probe_metrics = logger.probe.metrics()
+            logger.probe_seconds += time.perf_counter() - started
+            if whatif is not None:
+                whatif.measure(net, logger.probe, logger.logged_steps[-1] if logger.logged_steps else logger.step)
         health = check_health(net, logger.probe_metrics, cfg.tracking.fp8_warn_fraction, logger.probe.sizes)
         for message in health.messages():
             log.warning(message)

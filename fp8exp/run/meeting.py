@@ -23,6 +23,11 @@ _KEEPALIVE_OPTIONS = (getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPA
                       getattr(socket, "TCP_KEEPINTVL", None), getattr(socket, "TCP_KEEPCNT", None))
 
 
+ANSWER_MARGIN_S = 60.0
+"""Process 0 answers once all have joined (its own wait, up to timeout_s) and its checks ran: a
+peer waits for the answer at most 2 x timeout_s plus this, then says so."""
+
+
 def keep_alive(conn: socket.socket) -> socket.socket:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in zip(_KEEPALIVE_OPTIONS, KEEPALIVE):
@@ -141,7 +146,7 @@ def join(coordinator: str, index: int, params: dict[str, str], timeout_s: float)
                                   f"within {timeout_s:.0f} s ({error.strerror or error}); start process 0 "
                                   "(distribution.process_id=0) with the same command, or fix the address") from None
             time.sleep(0.2)
-    answer_s = 2 * timeout_s + 60  # process 0 answers once all have joined (its own bounded wait) and its checks ran
+    answer_s = 2 * timeout_s + ANSWER_MARGIN_S
     conn.settimeout(answer_s)
     try:
         send(conn, {"process_id": index, "params": params})

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 NOT_COMPARED = ("distribution.process_id", "distribution.coordinator")  # may differ between processes
 VERBS = {"FAILED": "failed", "KILLED": "stopped"}  # what another process did, by the status it gives the run
 STOPPED_GRACE_S = 60.0  # a peer stopped at a signal: how long this process may take to stop too
+SAME_ERROR_GRACE_S = 5.0
+"""A peer's config error (after the meeting every process checks the same settings): how long this
+process may take to reach it too and report it itself, rather than exit naming the peer."""
 TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
 """A process stopping at a signal (stopping.Interrupted is one: it checkpoints, its run ends
@@ -56,6 +59,8 @@ class Processes:
     """Whether this process is stopping at a signal itself (then a peer's stop waits for it)."""
     solo: bool = False
     """Past its last collective: another process's failure or stop can no longer leave it waiting."""
+    settling: bool = False
+    """Failed, and waiting for the watchers (settle): a peer's word waits no longer, it is named."""
 
     @property
     def lead(self) -> bool:
@@ -150,7 +155,8 @@ def watch(processes: Processes) -> None:
     """A thread per connection. A process that reports a failure, or whose connection closes
     before it said it was done, calls `processes.on_failure(index, why, "FAILED")`, then this
     process exits. One that stopped at a signal stops this one too, KILLED, unless this one stops
-    by itself within STOPPED_GRACE_S (it may be waiting in a collective the stopped one left)."""
+    by itself within STOPPED_GRACE_S (it may be waiting in a collective the stopped one left); one
+    with a config error, unless this one reports it too within SAME_ERROR_GRACE_S."""
     for index, conn in processes.peers.items():
         def listen(index=index, conn=conn):
             try:
@@ -164,6 +170,8 @@ def watch(processes: Processes) -> None:
                 if not message.get("stopped") or _ends_within(processes, STOPPED_GRACE_S):
                     return
                 status, why = "KILLED", f"it stopped ({message['stopped']}) and this one had not"
+            elif message.get("error") and _ends_within(processes, SAME_ERROR_GRACE_S, while_stopping=False):
+                return
             if processes.ended or processes.solo:
                 return
             try:
@@ -179,11 +187,13 @@ def watch(processes: Processes) -> None:
         processes.watchers.append(thread)
 
 
-def _ends_within(processes: Processes, seconds: float) -> bool:
-    """Does this process end (or pass its last collective) within `seconds`, or at all while it
-    is stopping at a signal itself (writing its checkpoint, closing the run)?"""
+def _ends_within(processes: Processes, seconds: float, while_stopping: bool = True) -> bool:
+    """Does this process end (or pass its last collective) within `seconds`, or, `while_stopping`,
+    at all while it is stopping at a signal itself (writing its checkpoint, closing the run)? Not
+    once it fails and settles: then the peer is named on the run."""
     deadline = time.monotonic() + seconds
-    while not (processes.ended or processes.solo) and (time.monotonic() < deadline or processes.stopping()):
+    while not (processes.ended or processes.solo or processes.settling) and (
+            time.monotonic() < deadline or (while_stopping and processes.stopping())):
         time.sleep(0.2)
     return processes.ended or processes.solo
 
@@ -192,6 +202,7 @@ def settle(processes: Processes) -> None:
     """A failure here may be a dead peer's doing (a collective that lost it): its watcher gets a
     moment to notice, name it on the run and exit, before this process reports its own error.
     Later word from the others (the same failure, reached by all) no longer stops this one."""
+    processes.settling = True
     deadline = time.monotonic() + 2.0
     for thread in processes.watchers:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))

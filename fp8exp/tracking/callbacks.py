@@ -5,11 +5,10 @@ log points."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
-from typing import Callable, ContextManager
+from typing import Callable
 
 import keras
 
@@ -159,15 +158,12 @@ class Fp8StateLogger(StepCallback):
     touched only at log points, which are listed in `logged_steps` for the step timer to skip.
     """
 
-    def __init__(self, every: int, sink: Callable[[dict[str, float], int], None], probe=None,
-                 around: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(self, every: int, sink: Callable[[dict[str, float], int], None], probe=None):
         super().__init__()
         self.every = every
         self.sink = sink
         self.probe = probe
         """Optional object whose `metrics()` adds probe-batch diagnostics at each log point."""
-        self.around = around
-        """Entered at each log point (weights split over processes are made whole there)."""
         self.probe_metrics: dict[str, float] = {}
         self.probe_seconds = 0.0
         self.logged_steps: list[int] = []
@@ -183,13 +179,11 @@ class Fp8StateLogger(StepCallback):
             self._log()
 
     def _log(self):
-        model = self.model  # synced first: `around` reads the variables
-        with self.around():
-            metrics = state_metrics(model)  # Keras scales and recipe layers' scale records
-            if self.probe is not None:
-                started = time.perf_counter()
-                self.probe_metrics = self.probe.metrics()
-                self.probe_seconds += time.perf_counter() - started
-                metrics.update(self.probe_metrics)
-            self.sink(metrics, self.step)
+        metrics = state_metrics(self.model)  # Keras scales and recipe layers' scale records
+        if self.probe is not None:
+            started = time.perf_counter()
+            self.probe_metrics = self.probe.metrics()
+            self.probe_seconds += time.perf_counter() - started
+            metrics.update(self.probe_metrics)
+        self.sink(metrics, self.step)
         self.logged_steps.append(self.step)
