@@ -194,6 +194,9 @@ def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_
         exact = "/kernel_" in key or "/query/inputs" in key
         np.testing.assert_allclose([mine[s] for s in sorted(mine)], [theirs[s] for s in sorted(theirs)],
                                    rtol=1e-4 if exact else 0, atol=0 if exact else 1.5, err_msg=key)
+        for share in (key.replace("_sqnr_db", "_saturation"), key.replace("_sqnr_db", "_underflow")):
+            np.testing.assert_allclose(sorted(history(tmp_path, share).items()),
+                                       sorted(history(story.reference, share).items()), atol=1e-3, err_msg=share)
     (layers,) = tmp_path.glob("artifacts/*/artifacts/fp8/layers.md")
     assert "| sharded (None, None, 'batch') |" in layers.read_text()  # as the weights lay while training, not gathered
 
@@ -393,11 +396,12 @@ def test_a_process_0_that_never_answers_is_one_line_after_a_bounded_wait(monkeyp
     monkeypatch.setattr(meeting, "ANSWER_MARGIN_S", 0.5)
     coordinator = f"127.0.0.1:{free_port()}"
     listener, held = meeting.listen(coordinator), []
-    silent = threading.Thread(target=lambda: held.append(listener.accept()[0]))  # reads nothing, answers nothing
+    listener.settimeout(30)
+    silent = threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True)  # answers nothing
     silent.start()
     with pytest.raises(ConfigError) as error:
         meeting.join(coordinator, 1, {"seed": "0"}, 0.5)
-    silent.join()
+    silent.join(timeout=30)
     held[0].close()
     listener.close()
     assert str(error.value) == (f"distribution.coordinator: process 0 at {coordinator} did not answer within 2 s of "
@@ -444,27 +448,32 @@ from fp8exp.config import ConfigError
 from fp8exp.run import meeting, processes
 mine, theirs = socket.socketpair()
 here = processes.Processes(1, 2, "127.0.0.1:1", peers={0: mine})
-processes.SAME_ERROR_GRACE_S = 2.0
+processes.SAME_ERROR_GRACE_S = 4.0
 processes.watch(here)
 error = ConfigError("trainer.batch_size", "30 does not split evenly")
 meeting.send(theirs, processes._failure(error))  # process 0 reached the check first
-time.sleep(float(sys.argv[1]))  # this one reaches it after this long
+time.sleep(float(sys.argv[1]))  # this one reaches it after this long...
+if sys.argv[2] == "fails":  # ...or fails otherwise (a collective the peer left) and settles
+    processes.settle(here)
+    sys.exit(3)
 processes.end(here, error)
 print("fp8exp: error:", error, file=sys.stderr)
 sys.exit(2)
 """
+NAMED = ("fp8exp: error: process 0 of 2 failed: ConfigError: trainer.batch_size: 30 does not split evenly; "
+         "process 1 of 2 stops")
 
 
-@pytest.mark.parametrize("late_s, code, line", [
-    (0.5, 2, "fp8exp: error: trainer.batch_size: 30 does not split evenly"),
-    (30, 1, "fp8exp: error: process 0 of 2 failed: ConfigError: trainer.batch_size: 30 does not split evenly; "
-            "process 1 of 2 stops")])
-def test_a_config_error_of_every_process_is_each_ones_own_line_unless_one_is_late(late_s, code, line):
+@pytest.mark.parametrize("late_s, then, code, line", [
+    (0.5, "same", 2, "fp8exp: error: trainer.batch_size: 30 does not split evenly"),
+    (30, "same", 1, NAMED), (0.5, "fails", 1, NAMED)])
+def test_a_config_error_of_every_process_is_each_ones_own_line_unless_one_is_late(late_s, then, code, line):
     """After the meeting all processes check the same settings: the one that reaches a config error
     a moment after a peer reports its own (and exits normally, with JAX's shutdown, not cut off by
-    its watcher); one that does not reach it within SAME_ERROR_GRACE_S exits naming the peer."""
-    result = subprocess.run([sys.executable, "-c", SAME_ERROR, str(late_s)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    its watcher); one that does not reach it within SAME_ERROR_GRACE_S, or fails another way
+    meanwhile, exits naming the peer."""
+    result = subprocess.run([sys.executable, "-c", SAME_ERROR, str(late_s), then], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == code, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == line
 

@@ -139,7 +139,7 @@ class Probe:
             self._taps = {path: np.zeros(shape, np.float32) for path, shape in self._shapes.items()}
             gradients = jax.grad(self._pass, has_aux=True) if self.labels is not None else \
                 (lambda taps, *a: (taps, self._pass(taps, *a)[1]))
-            self._compiled = jax.jit(gradients, **self._replicated(variables[0]))
+            self._compiled = jax.jit(gradients, **self._replicated([*variables[0], *variables[1]]))
         grads, inputs = self._compiled(self._taps, *variables, self.batch, self.labels)
         self.captures = {path: Capture(np.asarray(x, np.float32), self._shapes[path]) for path, x in inputs.items()}
         self.output_grads = {path: np.asarray(g, np.float32) for path, g in grads.items()} \
@@ -149,10 +149,11 @@ class Probe:
     @staticmethod
     def _replicated(values) -> dict:
         """Weights on a mesh (a distribution; split, they stay split): the pass returns what it
-        captured on every device, small next to the weights, so every process reads it whole."""
+        captured (each layer's input and output gradient on the probe batch) on every device, so
+        every process reads it whole."""
         from jax.sharding import NamedSharding, PartitionSpec
 
-        sharding = next((getattr(v, "sharding", None) for v in values), None)
+        sharding = next((v.sharding for v in values if isinstance(getattr(v, "sharding", None), NamedSharding)), None)
         return {"out_shardings": NamedSharding(sharding.mesh, PartitionSpec())} \
             if isinstance(sharding, NamedSharding) else {}
 

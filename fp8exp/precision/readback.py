@@ -1,7 +1,7 @@
 """Reading a value back on the host, whole, wherever it lies: one process holds it (on one device
 or several), or it is split over several processes (fsdp, model_parallel) and a gather assembles
-it. Saving, checkpoints and the FP8 probe read weights this way, one variable at a time, so no
-device ever holds the whole model."""
+it. Saving, checkpoints, the FP8 probe and what-if read weights this way, one variable at a time
+(a gather replicates only that one on the devices)."""
 
 from __future__ import annotations
 

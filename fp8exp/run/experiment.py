@@ -115,13 +115,15 @@ def _run(cfg: DictConfig, context: LaunchContext, resume, stop, online: bool,
     run_hash = config_hash(cfg)
     tags = {**environment_tags(cfg, context), "task": task, "fp8exp.config_hash": run_hash, **recipe_tags(cfg, net)}
 
+    def owned(run) -> None:  # from the moment the run exists, another process's failure ends it
+        here.on_failure = functools.partial(end_for_peer, run, cfg, here.count)
+
     # Checkpoints bound for a tracking server are staged here until uploaded (even if that waits
     # for the offline copy, written when the run closes).
     with tempfile.TemporaryDirectory(prefix="fp8exp-checkpoint-") as staging_dir, \
             open_run(cfg, name, tags, resume_run_id=resume.run_id if resume else None, offline=not online,
-                     checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead) as run:
+                     checkpoint_root=context.output_dir, shield=stop.deferred, lead=here.lead, opened=owned) as run:
         staging = Path(staging_dir)
-        here.on_failure = functools.partial(end_for_peer, run, cfg, here.count)
         here.stopping = lambda: stop.requested
         try:
             if resume is None:

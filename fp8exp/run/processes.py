@@ -60,7 +60,7 @@ class Processes:
     solo: bool = False
     """Past its last collective: another process's failure or stop can no longer leave it waiting."""
     settling: bool = False
-    """Failed, and waiting for the watchers (settle): a peer's word waits no longer, it is named."""
+    """Failed, and waiting for the watchers (settle): a peer's config error is named at once."""
 
     @property
     def lead(self) -> bool:
@@ -189,10 +189,10 @@ def watch(processes: Processes) -> None:
 
 def _ends_within(processes: Processes, seconds: float, while_stopping: bool = True) -> bool:
     """Does this process end (or pass its last collective) within `seconds`, or, `while_stopping`,
-    at all while it is stopping at a signal itself (writing its checkpoint, closing the run)? Not
-    once it fails and settles: then the peer is named on the run."""
+    at all while it is stopping at a signal itself (writing its checkpoint, closing the run)?
+    Without `while_stopping`, not once it fails and settles: then the peer is named on the run."""
     deadline = time.monotonic() + seconds
-    while not (processes.ended or processes.solo or processes.settling) and (
+    while not (processes.ended or processes.solo or (processes.settling and not while_stopping)) and (
             time.monotonic() < deadline or (while_stopping and processes.stopping())):
         time.sleep(0.2)
     return processes.ended or processes.solo

@@ -21,20 +21,24 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id: str | None = None,
              offline: bool = False, checkpoint_root: str | None = None,
-             shield: Callable[[], Any] = contextlib.nullcontext, lead: bool = True) -> Iterator[NullRun]:
+             shield: Callable[[], Any] = contextlib.nullcontext, lead: bool = True,
+             opened: Callable[[Any], None] = lambda run: None) -> Iterator[NullRun]:
     """Yields a run with the config logged; ends it FINISHED, KILLED on interrupt, else FAILED,
     with the reason as tags (`killed.*`, `failure.*`). `resume_run_id` continues that run
     (RUNNING again; its params are already there). `offline`: the server was unreachable at start
     and tracking.required=false, so the run goes to the offline store, marked for delivery.
     `shield`: a context in which closing the run (retries, the offline copy) is not cut short
     by the first stop signal. `lead=False`: a process other than 0 of a multi-process run, which
-    logs nothing (process 0 owns the run)."""
+    logs nothing (process 0 owns the run). `opened(run)` is called as soon as the run exists, before
+    its config is logged (another thread may end it from then on)."""
     if cfg.tracking.name == "none" or not lead:
-        yield NullRun(checkpoint_root if lead else None)
+        opened(run := NullRun(checkpoint_root if lead else None))
+        yield run
         return
 
     with fast_failing_http():
         run = _open(cfg, run_name, tags, resume_run_id, offline)
+        opened(run)
         status = "FAILED"
         monitor = None
         try:
