@@ -123,6 +123,38 @@ def test_killing_one_process_ends_the_run_failed_naming_it_with_a_checkpoint(sto
     assert story.killed_run.data.tags["checkpoint.step"] == "4"
 
 
+FAILING = """
+import os
+if os.environ.get("FP8EXP_TEST_FAILS"):  # this process alone fails as training starts
+    import fp8exp.run.train as train
+
+    def fit_and_evaluate(*args, **kwargs):
+        raise RuntimeError("this host's disk is full")
+    train.fit_and_evaluate = fit_and_evaluate
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [0, 1])
+def test_one_process_failing_alone_ends_the_run_failed_and_every_process_exits_cleanly(tmp_path, failing):
+    """The failing process ends through JAX's shutdown barrier; the others meet it there before they
+    leave. Before, a failed process 0 waited there ~100 s (JAX's heartbeat timeout) and aborted."""
+    (tmp_path / "sitecustomize.py").write_text(FAILING)
+    port, path = free_port(), f"{tmp_path}{os.pathsep}{ROOT}"
+    pair = [start(tmp_path, process_id=index, port=port,
+                  env={"PYTHONPATH": path, **({"FP8EXP_TEST_FAILS": "1"} if index == failing else {})})
+            for index in (0, 1)]
+    results = [finish(process, timeout=150) for process in pair]
+    for code, output in results:
+        assert code == 1 and "Check failure" not in output and "Terminating process" not in output, output[-3000:]
+    assert "RuntimeError: this host's disk is full" in results[failing][1]
+    other = 1 - failing
+    assert (f"fp8exp: error: process {failing} of 2 failed: RuntimeError: this host's disk is full; process {other} "
+            "of 2 stops") in results[other][1]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED" and "this host's disk is full" in run.data.tags["failure.error"]
+
+
 @pytest.mark.slow
 def test_resumed_on_two_processes_process_0_alone_finishes_the_one_mlflow_run(story):
     for code, output in story.resumed:

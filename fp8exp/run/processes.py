@@ -31,6 +31,7 @@ STOPPED_GRACE_S = 60.0  # a peer stopped at a signal: how long this process may 
 SAME_ERROR_GRACE_S = 5.0
 """A peer's config error (after the meeting every process checks the same settings): how long this
 process may take to reach it too and report it itself, rather than exit naming the peer."""
+LEAVE_S = 30.0  # how long a process leaving for another's failure waits at JAX's shutdown barrier
 TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
 """A process stopping at a signal (stopping.Interrupted is one: it checkpoints, its run ends
@@ -163,7 +164,7 @@ def watch(processes: Processes) -> None:
                 message, _ = meeting.receive(conn)
             except (OSError, ValueError):
                 message = None
-            message = message or {}
+            alive, message = bool(message), message or {}
             status, why = "FAILED", message.get("failed") or "it exited without a word (killed, out of memory, " \
                                                               "or its host lost)"
             if message.get("done"):
@@ -180,7 +181,7 @@ def watch(processes: Processes) -> None:
             except BaseException:  # noqa: BLE001  (the exit below must happen: collectives would wait forever)
                 log.exception("could not end the run after process %d of %d: %s", index, processes.count, why)
             finally:
-                exit_for(processes, index, why, status)
+                exit_for(processes, index, why, status, alive)
 
         thread = threading.Thread(target=listen, name=f"fp8exp-watch-{index}", daemon=True)
         thread.start()
@@ -238,8 +239,23 @@ def end(processes: Processes, error: BaseException | None = None) -> None:
             pass
 
 
-def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED") -> None:
-    """Another process failed or stopped: this one cannot go on (its collectives would wait forever)."""
+def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED", alive: bool = False) -> None:
+    """Another process failed or stopped: this one cannot go on (its collectives would wait forever).
+    One that is `alive` (it said so) ends through JAX's shutdown barrier: this one meets it there
+    first (at most LEAVE_S), or it would wait for this one until the heartbeat timeout and abort."""
     print(f"fp8exp: error: process {index} of {processes.count} {VERBS[status]}: {why}; {processes} stops",
           file=sys.stderr, flush=True)
+    if alive:
+        leaving = threading.Thread(target=_leave_jax, name="fp8exp-leave", daemon=True)
+        leaving.start()
+        leaving.join(LEAVE_S)
     os._exit(1 if status == "FAILED" else 128 + signal.SIGTERM)
+
+
+def _leave_jax() -> None:
+    import jax
+
+    try:
+        jax.distributed.shutdown()
+    except Exception as error:  # noqa: BLE001  (leaving anyway)
+        log.debug("JAX's shutdown barrier: %s", error)
