@@ -135,22 +135,24 @@ if os.environ.get("FP8EXP_TEST_FAILS"):  # this process alone fails as training 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failing", [0, 1])
-def test_one_process_failing_alone_ends_the_run_failed_and_every_process_exits_cleanly(tmp_path, failing):
-    """The failing process ends through JAX's shutdown barrier; the others meet it there before they
-    leave. Before, a failed process 0 waited there ~100 s (JAX's heartbeat timeout) and aborted."""
+@pytest.mark.parametrize("count, failing", [(2, 0), (3, 1)])
+def test_one_process_failing_alone_ends_the_run_failed_and_every_process_exits_cleanly(tmp_path, count, failing):
+    """The failing process ends through JAX's shutdown barrier; the others (told by process 0: the
+    others hear only from it) meet it there before they leave. Before, a failed process 0 waited
+    there ~100 s (JAX's heartbeat timeout) and aborted; with 3, the ones not told aborted."""
     (tmp_path / "sitecustomize.py").write_text(FAILING)
     port, path = free_port(), f"{tmp_path}{os.pathsep}{ROOT}"
-    pair = [start(tmp_path, process_id=index, port=port,
-                  env={"PYTHONPATH": path, **({"FP8EXP_TEST_FAILS": "1"} if index == failing else {})})
-            for index in (0, 1)]
-    results = [finish(process, timeout=150) for process in pair]
+    launched = [start(tmp_path, "trainer.batch_size=24", process_id=index, port=port, processes=count,
+                      env={"PYTHONPATH": path, **({"FP8EXP_TEST_FAILS": "1"} if index == failing else {})})
+                for index in range(count)]
+    results = [finish(process, timeout=150) for process in launched]
     for code, output in results:
         assert code == 1 and "Check failure" not in output and "Terminating process" not in output, output[-3000:]
     assert "RuntimeError: this host's disk is full" in results[failing][1]
-    other = 1 - failing
-    assert (f"fp8exp: error: process {failing} of 2 failed: RuntimeError: this host's disk is full; process {other} "
-            "of 2 stops") in results[other][1]
+    told = f"process {failing} of {count} failed: RuntimeError: this host's disk is full"
+    for index in (i for i in range(count) if i != failing):
+        assert f"fp8exp: error: {'process 0 of 3 failed: ' if index and count == 3 else ''}{told}; process {index} " \
+               f"of {count} stops" in results[index][1], results[index][1][-2000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED" and "this host's disk is full" in run.data.tags["failure.error"]
 

@@ -6,6 +6,7 @@ alone talks to MLflow."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -32,6 +33,10 @@ SAME_ERROR_GRACE_S = 5.0
 """A peer's config error (after the meeting every process checks the same settings): how long this
 process may take to reach it too and report it itself, rather than exit naming the peer."""
 LEAVE_S = 30.0  # how long a process leaving for another's failure waits at JAX's shutdown barrier
+_LEAVING = threading.Lock()
+"""Held by whoever takes this process out of JAX's runtime: a watcher leaving for another's
+failure, or the interpreter's exit (JAX's own shutdown). Two shutdown barriers from one process
+cancel each other, and JAX aborts every process."""
 TURN_AWAY_S = 30.0  # how long process 0, failed before the meeting, tells those coming to meet
 STOPS = (KeyboardInterrupt,)
 """A process stopping at a signal (stopping.Interrupted is one: it checkpoints, its run ends
@@ -149,6 +154,8 @@ def start(processes: Processes, params: dict[str, str], payload: bytes, timeout_
     jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(processes.coordinator, processes.count, processes.index,
                                local_device_ids=processes.local_devices, initialization_timeout=max(10, int(timeout_s)))
+    # Runs before JAX's own shutdown at exit (registered later): a watcher leaving goes first.
+    atexit.register(lambda: _LEAVING.acquire(timeout=LEAVE_S + 5))  # kept: a later watcher leaves it to the exit
     return payload
 
 
@@ -164,9 +171,10 @@ def watch(processes: Processes) -> None:
                 message, _ = meeting.receive(conn)
             except (OSError, ValueError):
                 message = None
-            alive, message = bool(message), message or {}
-            status, why = "FAILED", message.get("failed") or "it exited without a word (killed, out of memory, " \
-                                                              "or its host lost)"
+            message = message or {}
+            alive = bool(message) and message.get("alive", True)  # it ends through JAX's shutdown barrier
+            status = message.get("status", "FAILED")
+            why = message.get("failed") or "it exited without a word (killed, out of memory, or its host lost)"
             if message.get("done"):
                 if not message.get("stopped") or _ends_within(processes, STOPPED_GRACE_S):
                     return
@@ -242,9 +250,16 @@ def end(processes: Processes, error: BaseException | None = None) -> None:
 def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED", alive: bool = False) -> None:
     """Another process failed or stopped: this one cannot go on (its collectives would wait forever).
     One that is `alive` (it said so) ends through JAX's shutdown barrier: this one meets it there
-    first (at most LEAVE_S), or it would wait for this one until the heartbeat timeout and abort."""
-    print(f"fp8exp: error: process {index} of {processes.count} {VERBS[status]}: {why}; {processes} stops",
-          file=sys.stderr, flush=True)
+    first (at most LEAVE_S), or it would wait for this one until the heartbeat timeout and abort.
+    Process 0 passes the word on, so that every process leaves (and meets there) too."""
+    if not _LEAVING.acquire(blocking=False):
+        threading.Event().wait()  # another watcher, or this process's own exit, takes it out of JAX
+    told = f"process {index} of {processes.count} {VERBS[status]}: {why}"
+    print(f"fp8exp: error: {told}; {processes} stops", file=sys.stderr, flush=True)
+    for other, conn in processes.peers.items() if processes.lead else ():
+        if other != index:
+            with contextlib.suppress(OSError):
+                meeting.send(conn, {"failed": told, "status": status, "alive": alive})
     if alive:
         leaving = threading.Thread(target=_leave_jax, name="fp8exp-leave", daemon=True)
         leaving.start()
