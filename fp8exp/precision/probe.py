@@ -154,8 +154,7 @@ class Probe:
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharding = next((v.sharding for v in values if isinstance(getattr(v, "sharding", None), NamedSharding)), None)
-        return {"out_shardings": NamedSharding(sharding.mesh, PartitionSpec())} \
-            if isinstance(sharding, NamedSharding) else {}
+        return {"out_shardings": NamedSharding(sharding.mesh, PartitionSpec())} if sharding is not None else {}
 
     def metrics(self) -> dict[str, float]:
         """`fp8/<layer>/<tensor>_{saturation,underflow,sqnr_db}` for the current state: inputs,
