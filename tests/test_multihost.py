@@ -201,8 +201,8 @@ def last_checkpoint(store: Path):
 def test_fsdp_over_two_processes_follows_the_unsharded_run_and_saves_probes_and_checkpoints_whole(story, tmp_path):
     """Weights and Adam moments split over both processes' devices: the loss curve and final weights
     are those of one process replicating the model; the checkpoint and the saved model read the
-    weights whole, gathered from both processes; the FP8 probe computes with them split (no device
-    holds the whole model) and measures at every log point what the replicated run measures."""
+    weights whole, gathered from both processes; the FP8 probe computes with them split and
+    measures at every log point what the replicated run measures."""
     results = [finish(process) for process in start_pair(tmp_path, "distribution=fsdp", "tracking.fp8_probe=true",
                                                          "tracking.fp8_log_every=3")]  # gathered mid-run too
     for code, output in results:

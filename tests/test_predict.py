@@ -179,7 +179,7 @@ def test_register_model_adds_a_version_tagged_with_the_precision(tmp_path, tiny_
     for _ in range(2):
         run = start_run(client, local, tmp_path / "artifacts")
         ids.append(serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging"))
-        run.close("FINISHED", 0, cfg)
+        run.close("FINISHED", cfg, retry_s=0)
     versions = sorted(client.search_model_versions("name = 'fp8exp-tiny'"), key=lambda v: int(v.version))
     assert [(str(v.version), v.tags, v.run_id) for v in versions] == [
         (str(n), {"precision": "float32"}, client.get_logged_model(ids[n - 1]).source_run_id) for n in (1, 2)]
@@ -203,12 +203,12 @@ def test_predict_takes_a_run_or_its_model_id_and_old_style_runs_still_work(tmp_p
     cfg = tiny_config(tmp_path, local)
     new = start_run(client, local, tmp_path / "artifacts")
     new_model = serving_save.log_model(new, tiny_net, SPLITS, cfg, tmp_path / "staging")
-    new.close("FINISHED", 0, cfg)
+    new.close("FINISHED", cfg, retry_s=0)
     old = start_run(client, local, tmp_path / "artifacts")  # saved as fp8exp did before LoggedModels
     meta = serve_meta.describe(tiny_net, precision="float32", class_names=SPLITS.class_names, sequence_length=16,
                                  lowercase=False, vocabulary_size=100, has_vocabulary=False, fp8exp_version="old")
     serving_save.log_artifact_model(old, tiny_net, SPLITS, meta, tmp_path / "staging")
-    old.close("FINISHED", 0, cfg)
+    old.close("FINISHED", cfg, retry_s=0)
     assert {a.path for a in client.list_artifacts(old.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
 
     assert locate.locate(new.run_id, local, tmp_path).model_id == new_model
@@ -229,7 +229,7 @@ def test_an_offline_run_keeps_its_model_as_a_plain_artifact(tmp_path, tiny_net, 
     cfg = tiny_config(tmp_path, "http://127.0.0.1:9", "tracking.register_model=fp8exp-tiny")
     run = start_run(client, offline, tmp_path / "artifacts")
     assert serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging") is None
-    run.close("FINISHED", 0, cfg)
+    run.close("FINISHED", cfg, retry_s=0)
     assert "the model is saved as the run's plain artifact model/, not as a LoggedModel (the run is in the " \
            "offline store" in caplog.text and "not registered as 'fp8exp-tiny' either" in caplog.text
     assert not client.search_logged_models(experiment_ids=[client.get_experiment_by_name("models").experiment_id])
@@ -261,7 +261,7 @@ def test_a_server_away_never_costs_the_model(tmp_path, tiny_net, remote, monkeyp
         # Up: a LoggedModel, its files uploaded through the run's queue, downloaded by predict.
         run = start_run(client, remote.url)
         up = serving_save.log_model(run, tiny_net, SPLITS, cfg, tmp_path / "staging-up")
-        run.close("FINISHED", 0, cfg)
+        run.close("FINISHED", cfg, retry_s=0)
         assert str(client.get_logged_model(up).status) == "READY"
         labels = predicted(remote.url, f"model_id={up}")
         assert predicted(remote.url, f"run_id={run.run_id}") == labels
@@ -271,7 +271,7 @@ def test_a_server_away_never_costs_the_model(tmp_path, tiny_net, remote, monkeyp
         remote.stop()
         assert serving_save.log_model(away, tiny_net, SPLITS, cfg, tmp_path / "staging-away") is None
         assert "not as a LoggedModel (the tracking store" in caplog.text
-        away.close("FINISHED", 0, cfg)
+        away.close("FINISHED", cfg, retry_s=0)
         [copy] = MlflowClient(offline).search_runs(
             [MlflowClient(offline).get_experiment_by_name("models").experiment_id],
             f"tags.`fp8exp.sync.remote_run_id` = '{away.run_id}'")
@@ -289,7 +289,7 @@ def test_a_server_away_never_costs_the_model(tmp_path, tiny_net, remote, monkeyp
 
         monkeypatch.setattr(logged, "create_logged_model", create_then_stop)
         pending = serving_save.log_model(gone, tiny_net, SPLITS, cfg, tmp_path / "staging-gone")
-        gone.close("FINISHED", 0, cfg)
+        gone.close("FINISHED", cfg, retry_s=0)
         assert "stayed unreachable" in gone.delivery_note
         remote.start()
         assert str(client.get_logged_model(pending).status) == "PENDING"  # never finalized: not used

@@ -240,11 +240,15 @@ def end(processes: Processes, error: BaseException | None = None) -> None:
         message = {"done": True, **({"stopped": _failure(error)["failed"]} if error else {})}
     else:
         message = _failure(error)
-    for conn in processes.peers.values():
-        try:
-            meeting.send(conn, message)
-        except OSError:
-            pass
+    _tell(processes, message)
+
+
+def _tell(processes: Processes, message: dict, but: int | None = None) -> None:
+    """`message` to every other process this one is connected to (but `but`), as far as it gets."""
+    for index, conn in processes.peers.items():
+        if index != but:
+            with contextlib.suppress(OSError):
+                meeting.send(conn, message)
 
 
 def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED", alive: bool = False) -> None:
@@ -256,10 +260,8 @@ def exit_for(processes: Processes, index: int, why: str, status: str = "FAILED",
         threading.Event().wait()  # another watcher, or this process's own exit, takes it out of JAX
     told = f"process {index} of {processes.count} {VERBS[status]}: {why}"
     print(f"fp8exp: error: {told}; {processes} stops", file=sys.stderr, flush=True)
-    for other, conn in processes.peers.items() if processes.lead else ():
-        if other != index:
-            with contextlib.suppress(OSError):
-                meeting.send(conn, {"failed": told, "status": status, "alive": alive})
+    if processes.lead:  # the others hear only from process 0
+        _tell(processes, {"failed": told, "status": status, "alive": alive}, but=index)
     if alive:
         leaving = threading.Thread(target=_leave_jax, name="fp8exp-leave", daemon=True)
         leaving.start()

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from fp8exp.config import offline_uri, tracking_uri
 from fp8exp.tracking import redact
 from fp8exp.tracking.offline import Journal
-from fp8exp.tracking.run import KILLED_RETRY_S, MlflowRun, NullRun, flatten
+from fp8exp.tracking.run import MlflowRun, NullRun, flatten
 from fp8exp.tracking.store import create_run, fast_failing_http
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def open_run(cfg: DictConfig, run_name: str, tags: dict[str, str], resume_run_id
             with shield():
                 if monitor is not None:
                     monitor.finish()  # its last sample goes with the rest
-                run.close(status, cfg.tracking.retry_s if status != "KILLED" else min(cfg.tracking.retry_s, KILLED_RETRY_S), cfg)
+                run.close(status, cfg)
             if offline:
                 run.delivery_note = (f"The tracking server {tracking_uri(cfg)} was unreachable at start "
                                      f"(tracking.required=false): run {run.run_id} was logged to {run.uri}. "

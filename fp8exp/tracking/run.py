@@ -170,7 +170,7 @@ class MlflowRun(NullRun):
     @_serialized
     def log_artifacts(self, directory: Path, artifact_dir: str) -> None:
         """Upload a directory's files (as they are when the upload happens: keep it until the run closes)."""
-        self.journal.files[f"{artifact_dir}/"] = str(directory)
+        self.keep_for_offline(directory, artifact_dir)
         self._enqueue(f"dir:{artifact_dir}", lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_dir))
 
     @_serialized
@@ -211,8 +211,7 @@ class MlflowRun(NullRun):
             except Exception as error:  # noqa: BLE001  (rejected: the status must still go)
                 log.error("could not tag run %s: %s", self.run_id, error)
             try:
-                self.close(status, cfg.tracking.retry_s if status != "KILLED" else
-                           min(cfg.tracking.retry_s, KILLED_RETRY_S), cfg)
+                self.close(status, cfg)
             except Exception as error:  # noqa: BLE001  (the process exits next, whatever happens)
                 log.error("could not end run %s %s: %s", self.run_id, status, error)
         if self.delivery_note:
@@ -261,9 +260,11 @@ class MlflowRun(NullRun):
             log.warning("Tracking store %s is back; everything buffered was delivered", self.uri)
         return True
 
-    def close(self, status: str, retry_s: float, cfg: DictConfig) -> None:
-        """End the run `status`: deliver everything (retrying up to `retry_s`), else write the
-        whole run to the offline store. Says which in `delivery_note`. Once only."""
+    def close(self, status: str, cfg: DictConfig, retry_s: float | None = None) -> None:
+        """End the run `status`: deliver everything (retrying tracking.retry_s, KILLED at most
+        KILLED_RETRY_S), else write the whole run offline. Says which in `delivery_note`. Once only."""
+        if retry_s is None:
+            retry_s = min(cfg.tracking.retry_s, KILLED_RETRY_S) if status == "KILLED" else cfg.tracking.retry_s
         with self._store_lock:
             if not self._closed:
                 try:
